@@ -1,0 +1,66 @@
+"""The `ensam` command-line tool: one entry point, one module per subcommand.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed arguments, returning an exit code). Training commands
+live in ENSAMTrainingLib (the segmentation library does not depend on it); they are
+added when that package is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order shown by `ensam --help`.
+COMMAND_MODULES = [
+    "ENSAMSegmentLib.cli.cmd_info",
+]
+OPTIONAL_COMMAND_MODULES = [
+    # (module, reason it may be absent)
+    ("ENSAMTrainingLib.cli_commands", "ENSAMTrainingLib is not installed"),
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ENSAMSegmentLib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ensam",
+        description="ENSAM: promptable 3D medical image segmentation (box + clicks).",
+    )
+    parser.add_argument("--version", action="version", version=f"ensam {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    for name, _reason in OPTIONAL_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name and name.startswith(error.name):
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"ensam {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ensam {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ENSAMTrainingLib: datasets, coreset selection and training of ENSAM (core layer, no Slicer)."""

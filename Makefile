@@ -1,0 +1,36 @@
+# ENSAM for 3D Slicer: one environment (.venv) for the CLI, the tests and the browser app.
+#   make setup   create .venv and install pinned dependencies (quick when already done)
+#   make demo    segment the bundled sample volume with `ensam segment`
+#   make test    run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ensam-setup-done
+OUTDIR ?= demo-output
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml .ci/constraints.txt .ci/install-system-packages Makefile
+	bash .ci/install-system-packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU wheel, so that no resolver pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[slicer,web,test]'
+	$(PY) -c "import torch, monai, SimpleITK, slicer; print('environment ready: torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ensam demo --out $(OUTDIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check ENSAMSegment ENSAMTraining Testing
+
+clean:
+	rm -rf $(VENV) $(OUTDIR) .pytest_cache

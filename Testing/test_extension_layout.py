@@ -1,0 +1,119 @@
+"""The Slicer extension's build files agree with the tree.
+
+The extension build (CMake + Slicer) cannot run here, and a file listed in a module's
+CMakeLists.txt but missing, or a Lib file that is not listed (so not installed), breaks it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ["ENSAMSegment", "ENSAMTraining"]
+# Resource files a module ships with the extension (besides its .py scripts).
+RESOURCE_SUFFIXES = {".png", ".ui", ".json", ".nrrd", ".pt"}
+
+
+def cmake_list(cmake_text: str, variable: str, module: str) -> list[str]:
+    """Entries of `set(<variable> ...)` with ${MODULE_NAME} substituted."""
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", cmake_text, re.S)
+    assert match, f"set({variable} ...) not found"
+    entries = []
+    for line in match.group(1).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            entries.append(line.replace("${MODULE_NAME}", module))
+    return entries
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_listed_files_exist(module):
+    folder = ROOT / module
+    text = (folder / "CMakeLists.txt").read_text()
+    for variable in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+        for entry in cmake_list(text, variable, module):
+            assert (folder / entry).is_file(), f"{module}/CMakeLists.txt lists {entry}, which does not exist"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_file_is_listed(module):
+    folder = ROOT / module
+    text = (folder / "CMakeLists.txt").read_text()
+    scripts = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS", module))
+    resources = set(cmake_list(text, "MODULE_PYTHON_RESOURCES", module))
+    python_files = {p.relative_to(folder).as_posix() for p in (folder / f"{module}Lib").rglob("*.py")}
+    python_files.add(f"{module}.py")
+    unlisted = sorted(python_files - scripts)
+    assert not unlisted, f"{module}/CMakeLists.txt does not list: {unlisted}"
+    resource_files = {
+        p.relative_to(folder).as_posix()
+        for p in (folder / "Resources").rglob("*")
+        if p.is_file() and p.suffix in RESOURCE_SUFFIXES
+    }
+    unlisted = sorted(resource_files - resources)
+    assert not unlisted, f"{module}/CMakeLists.txt does not list resources: {unlisted}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_structure(module):
+    folder = ROOT / module
+    source = (folder / f"{module}.py").read_text()
+    for cls in ("", "Widget", "Logic", "Test"):
+        assert re.search(rf"^class {module}{cls}\(", source, re.M), f"class {module}{cls} missing"
+    assert (folder / "Resources" / "UI" / f"{module}.ui").is_file()
+    assert (folder / "Resources" / "Icons" / f"{module}.png").is_file()
+    assert (folder / "Testing" / "Python" / "CMakeLists.txt").is_file()
+    assert "slicer_add_python_unittest" in (folder / "CMakeLists.txt").read_text()
+
+
+def test_top_level_cmake():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    for field in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+    ):
+        assert re.search(rf'set\({field} "[^"]+"\)', text), f"{field} missing or empty"
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
+    assert "include(${Slicer_EXTENSION_CPACK})" in text
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in text
+
+
+def test_icons_are_128_png():
+    from PIL import Image
+
+    for path in [ROOT / "Resources" / "ENSAM.png"] + [
+        ROOT / m / "Resources" / "Icons" / f"{m}.png" for m in MODULES
+    ]:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (128, 128), path
+
+
+def test_ui_files_are_valid_xml():
+    import xml.etree.ElementTree as ET
+
+    for module in MODULES:
+        tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+        assert tree.getroot().tag == "ui"
+
+
+def test_lint_clean():
+    """ruff over the modules, the Lib packages and the tests (the Slicer widgets cannot run here)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--quiet", "ENSAMSegment", "ENSAMTraining", "Testing"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
