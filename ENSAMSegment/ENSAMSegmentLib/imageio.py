@@ -77,9 +77,10 @@ def read_image(path, npz_spacing_order: str = NPZ_SPACING_ORDER) -> tuple[np.nda
     except RuntimeError as error:
         raise ImageReadError(f"cannot read {path}: {_first_line(error)}") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
+        hint = " (a multi-layer Slicer segmentation: use read_segmentation_nrrd)" if path.name.endswith(".seg.nrrd") else ""
         raise ImageReadError(
             f"{path.name} is a vector image ({image.GetNumberOfComponentsPerPixel()} components per voxel); "
-            "need a scalar 3-D volume"
+            f"need a scalar 3-D volume{hint}"
         )
     if image.GetDimension() != 3:
         raise ImageReadError(f"{path.name} is {image.GetDimension()}-D (size {image.GetSize()}); need a 3-D volume")

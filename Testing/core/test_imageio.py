@@ -99,6 +99,25 @@ def test_seg_nrrd_header_and_readback(tmp_path):
     assert [s.name for s in read_segmentation_nrrd(again)[2]] == ["a", "b", "Segment_4"]
 
 
+def test_multi_layer_seg_nrrd_is_flattened(tmp_path):
+    """Overlapping segments live in separate layers (a 4-D NRRD); later segments win."""
+    layers = np.zeros((*SHAPE, 2), np.uint8)
+    layers[1:4, 1:4, 1:4, 0] = 1
+    layers[3:5, 3:5, 3:5, 1] = 1  # overlaps the first at (3, 3, 3)
+    image = sitk.GetImageFromArray(layers, isVector=True)
+    GEOMETRY.apply_to_sitk(image)
+    for n, name in enumerate(("a", "b")):
+        for key, value in {"ID": name, "Name": name, "LabelValue": "1", "Layer": str(n), "Color": "1 0 0"}.items():
+            image.SetMetaData(f"Segment{n}_{key}", value)
+    sitk.WriteImage(image, str(tmp_path / "layers.seg.nrrd"), True)
+    with pytest.raises(ImageReadError, match="read_segmentation_nrrd"):
+        read_image(tmp_path / "layers.seg.nrrd")
+    labels, geometry, segments = read_segmentation_nrrd(tmp_path / "layers.seg.nrrd")
+    assert geometry.allclose(GEOMETRY)
+    assert [(s.name, s.label, s.layer) for s in segments] == [("a", 1, 0), ("b", 2, 0)]
+    assert (labels == 1).sum() == 27 - 1 and (labels == 2).sum() == 8 and labels[3, 3, 3] == 2
+
+
 def test_seg_nrrd_loads_in_slicer(tmp_path):
     slicer = pytest.importorskip("slicer")
     import vtk
