@@ -27,6 +27,7 @@ from scipy import ndimage
 from .geometry import VolumeGeometry, rotation_matrix, zyx_to_npz_spacing
 from .imageio import ChallengeCase, read_image, write_challenge_npz, write_image, write_labelmap
 from .intensity import to_uint8
+from .simulation import challenge_boxes  # the official box rule lives there
 
 STRUCTURES = ("liver", "vessel", "lesion", "kidney", "spleen")
 # (centre, radii) as fractions of the volume extent (z, y, x) for the blob structures
@@ -223,8 +224,6 @@ def write_challenge_dataset(folder, n_cases: int, shape=(64, 96, 96), seed: int 
     challenge's box rule (simulation.challenge_boxes, with its random margin). Spacing is
     stored in the project's npz order (geometry.NPZ_SPACING_ORDER). Returns the paths.
     """
-    from .simulation import challenge_boxes  # simulation owns the official box rule
-
     folder = Path(folder)
     paths = []
     for i in range(n_cases):
