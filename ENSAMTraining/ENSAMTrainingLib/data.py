@@ -1,0 +1,559 @@
+"""Training data: finding cases, loading them, and turning one case into one training sample.
+
+Sources (``find_cases(root)``), searched recursively under ``root``:
+
+- Challenge .npz files (``imgs`` uint8 [D,H,W], ``gts`` labels 0..N, ``spacing``). Dataset and
+  modality come from the path: ``<Modality>/<Dataset>/<case>.npz`` (the challenge's training
+  tree; deeper trees use the last two folders); ``<Dataset>/<case>.npz`` (modality = the
+  dataset name's prefix before "_", else "unknown"); a flat ``<case>.npz`` named
+  ``<Modality>_<Dataset>_<rest>.npz`` (the challenge's file names) gives modality and
+  "<Modality>_<Dataset>"; any other flat name belongs to a dataset named after ``root``.
+- Image/label pairs (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, MetaImage .mha/.mhd). Pairing rule:
+  1. nnU-Net layout: a folder ``images*`` (imagesTr, imagesTs, images) beside ``labels*`` with
+     the same ending; image ``<case>_0000.<ext>`` (or ``<case>.<ext>``) pairs with label
+     ``<case>.<ext'>`` (any supported extension). Other channels (``_0001`` ...) are ignored.
+     Dataset = the parent folder's name; modality = channel "0" of its ``dataset.json``
+     (``channel_names`` or ``modality``) when present.
+  2. Any other folder: a label is a file whose name ends with ``_seg``, ``_label``,
+     ``_labels``, ``_mask`` or ``_gt`` before the extension; it pairs with the image
+     ``<case>.<ext>`` or ``<case>_0000.<ext>`` in the same folder. Dataset and modality
+     come from the folder path as for .npz files.
+  An image with no label is still listed (``label=None``): loading it raises ``CaseError``
+  ("missing labels"), so it is reported, not silently dropped.
+  Pair intensities go through the organisers' preprocessing (CT windowing or percentile
+  clipping to uint8) with the modality above.
+
+Per sample (``make_sample``): one labelled instance at random; a random crop around it with a
+margin of 1-64 voxels on each side of each axis (clipped to the volume); max pooling by
+integer factors when the padded crop exceeds the voxel budget (the axis with the largest
+size is reduced first); intensities to [0, 1]; with probability 0.5 one of MONAI's
+RandBiasField / RandGaussianSmooth / RandHistogramShift; zero padding to multiples of 8;
+the initial box from the instance mask with a random offset, or, with probability
+``no_box_probability``, no box (the interaction then starts with a click, as for challenge
+cases without boxes).
+
+Determinism: the sample of (epoch, index) depends only on (seed, epoch, index), never on the
+worker process or on what ran before, so resuming mid-epoch reproduces the data exactly.
+
+Bad cases during training are skipped: ``TrainingDataset`` moves on to the next case in
+the list and reports the skipped one in ``Sample.skipped``; when no case of the list can be
+used it raises ``NoCasesError`` (training stops with that message).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")
+CHANNEL_SUFFIX = "_0000"
+DEFAULT_VOXEL_BUDGET = 4_194_304
+MARGIN_RANGE = (1, 64)
+AUGMENT_PROBABILITY = 0.5
+NO_BOX_PROBABILITY = 0.1
+MULTIPLE = 8
+
+
+class DataError(Exception):
+    """Training data that cannot be used; the message says what and where."""
+
+
+class NoCasesError(DataError):
+    """No usable case at all (empty or missing folder, empty list, every case bad)."""
+
+
+class CaseError(DataError):
+    """One case cannot be used. ``reason`` is a short category, ``str(error)`` the full message."""
+
+    def __init__(self, case: str, reason: str, detail: str = ""):
+        self.case, self.reason, self.detail = case, reason, detail
+        super().__init__(f"{case}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """Where one case lives. kind "npz": labels inside ``image``; kind "pair": labels in ``label``."""
+
+    image: Path
+    label: Path | None
+    dataset: str
+    modality: str
+    kind: str  # "npz" | "pair"
+
+    @property
+    def name(self) -> str:
+        return strip_extension(self.image.name)
+
+
+@dataclass
+class Case:
+    """A loaded case: uint8 intensities and integer labels on the same grid (z, y, x)."""
+
+    ref: CaseRef
+    image: np.ndarray  # [D, H, W] uint8 (0-255) or float for unusual files (rescaled to [0, 1] later)
+    labels: np.ndarray  # [D, H, W] integer, 0 = background
+    spacing: tuple[float, float, float]  # mm, (z, y, x)
+
+
+@dataclass
+class Sample:
+    """One training sample (one object of one case), ready for the model."""
+
+    image: torch.Tensor  # [1, 1, D, H, W] float32 in [0, 1], D, H, W multiples of 8
+    target: torch.Tensor  # [1, 1, D, H, W] float32 0/1
+    box: tuple[tuple[int, int, int], tuple[int, int, int]] | None  # inclusive (z,y,x) corners
+    spacing: tuple[float, float, float]  # mm per voxel of ``image`` (after pooling)
+    shape: tuple[int, int, int]  # the crop's shape before the padding to multiples of 8
+    case: str
+    label: int
+    click_seed: int  # seeds the click simulation of this sample
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (case, reason) passed over
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def strip_extension(name: str) -> str:
+    for ext in IMAGE_EXTENSIONS + (".npz",):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _dataset_from_folder(rel_parts: tuple[str, ...], root: Path, stem: str = "") -> tuple[str, str]:
+    """(dataset, modality) from the folders between root and a file (see the module docstring)."""
+    if len(rel_parts) >= 2:
+        return rel_parts[-1], rel_parts[-2]
+    if len(rel_parts) == 1:
+        name = rel_parts[0]
+        return name, name.split("_")[0] if "_" in name else "unknown"
+    tokens = stem.split("_")
+    if len(tokens) >= 3:
+        return "_".join(tokens[:2]), tokens[0]
+    return root.resolve().name, "unknown"
+
+
+def _npz_case(path: Path, root: Path) -> CaseRef:
+    rel = path.relative_to(root)
+    dataset, modality = _dataset_from_folder(rel.parent.parts, root, strip_extension(path.name))
+    return CaseRef(path, None, dataset, modality, "npz")
+
+
+def _dataset_json_modality(folder: Path) -> str:
+    try:
+        info = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    channels = info.get("channel_names") or info.get("modality") or {}
+    return str(channels.get("0", "unknown")) if isinstance(channels, dict) else "unknown"
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    return {strip_extension(p.name): p for p in sorted(folder.iterdir()) if is_image_file(p)}
+
+
+def _nnunet_pairs(images_dir: Path, labels_dir: Path) -> list[CaseRef]:
+    labels = _files_by_stem(labels_dir) if labels_dir.is_dir() else {}
+    dataset = images_dir.parent.name
+    modality = _dataset_json_modality(images_dir.parent)
+    cases = []
+    for stem, image in _files_by_stem(images_dir).items():
+        if stem.endswith(CHANNEL_SUFFIX):
+            stem = stem[: -len(CHANNEL_SUFFIX)]
+        elif stem[-5:-4] == "_" and stem[-4:].isdigit():
+            continue  # another channel of a multi-channel case
+        cases.append(CaseRef(image, labels.get(stem), dataset, modality, "pair"))
+    return cases
+
+
+def _folder_pairs(folder: Path, root: Path) -> list[CaseRef]:
+    files = _files_by_stem(folder)
+    label_of: dict[str, Path] = {}
+    for stem, path in files.items():
+        for suffix in LABEL_SUFFIXES:
+            if stem.endswith(suffix):
+                label_of[stem[: -len(suffix)]] = path
+    labels = set(label_of.values())
+    dataset, modality = _dataset_from_folder(folder.relative_to(root).parts, root)
+    cases = []
+    for stem, image in files.items():
+        if image in labels:
+            continue
+        key = stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+        cases.append(CaseRef(image, label_of.get(key), dataset, modality, "pair"))
+    return cases
+
+
+def find_cases(root: str | Path) -> list[CaseRef]:
+    """Every case under ``root`` (sorted by path). Raises NoCasesError when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NoCasesError(f"data folder {root} does not exist or is not a folder")
+    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))
+    cases = [_npz_case(p, root) for p in sorted(root.rglob("*.npz")) if not p.name.startswith(".")]
+    for folder in folders:
+        lower = folder.name.lower()
+        if lower.startswith("labels"):
+            continue
+        if lower.startswith("images"):
+            cases += _nnunet_pairs(folder, folder.parent / ("labels" + folder.name[len("images") :]))
+        else:
+            cases += _folder_pairs(folder, root)
+    if not cases:
+        raise NoCasesError(
+            f"no training cases in {root}: expected challenge .npz files (also nested as "
+            "<Modality>/<Dataset>/<case>.npz) or image/label pairs (imagesTr/ + labelsTr/, or "
+            "<case>.nii.gz beside <case>_seg.nii.gz)"
+        )
+    return sorted(cases, key=lambda c: str(c.image))
+
+
+def case_key(ref: CaseRef, root: str | Path) -> str:
+    """The line of a case list: the image path relative to root (tab, label path for pairs)."""
+    image = ref.image.relative_to(root).as_posix()
+    if ref.kind == "pair" and ref.label is not None:
+        return f"{image}\t{ref.label.relative_to(root).as_posix()}"
+    return image
+
+
+def write_case_list(path: str | Path, cases: list[CaseRef], root: str | Path) -> None:
+    Path(path).write_text("".join(case_key(c, root) + "\n" for c in cases), encoding="utf-8")
+
+
+def read_case_list(path: str | Path, root: str | Path) -> list[CaseRef]:
+    """The cases named in a list file (from ``ensam coreset``), resolved against ``root``.
+
+    Lines are paths relative to root (absolute paths are allowed); "#" starts a comment.
+    Dataset and modality are those ``find_cases`` would give. Raises NoCasesError when a
+    listed file does not exist or the list is empty.
+    """
+    root = Path(root)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise NoCasesError(f"cannot read the case list {path}: {error.strerror or error}") from None
+    entries = [line.split("#", 1)[0].strip() for line in lines]
+    entries = [e for e in entries if e]
+    if not entries:
+        raise NoCasesError(f"the case list {path} names no case")
+    known = {c.image.resolve(): c for c in find_cases(root)} if root.is_dir() else {}
+    cases, missing = [], []
+    for entry in entries:
+        image, _, label = entry.partition("\t")
+        image_path = (root / image).resolve()
+        if image_path in known:
+            cases.append(known[image_path])
+        elif image_path.is_file():
+            label_path = (root / label).resolve() if label else None
+            kind = "npz" if image_path.suffix == ".npz" else "pair"
+            cases.append(CaseRef(image_path, label_path, "unknown", "unknown", kind))
+        else:
+            missing.append(image)
+    if missing:
+        raise NoCasesError(f"{len(missing)} case(s) of {path} not found under {root}, e.g. {missing[0]}")
+    return cases
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _npz_spacing(data) -> tuple[float, float, float]:
+    """(z, y, x) mm from a challenge npz (geometry.py decides the stored order); 1 mm when absent."""
+    from ENSAMSegmentLib.geometry import GeometryError, npz_spacing_to_zyx
+
+    try:
+        return npz_spacing_to_zyx(data["spacing"])
+    except (KeyError, GeometryError):
+        return (1.0, 1.0, 1.0)  # only the validation's surface Dice uses spacing
+
+
+def _load_npz(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    try:
+        with np.load(ref.image, allow_pickle=False) as data:
+            if "imgs" not in data.files:
+                raise CaseError(ref.name, "unreadable", f"no 'imgs' array in {ref.image.name}")
+            image = data["imgs"]
+            labels = data["gts"] if "gts" in data.files else None
+            spacing = _npz_spacing(data)
+    except CaseError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
+        raise CaseError(ref.name, "unreadable", str(error)) from None
+    return image, labels, spacing
+
+
+def intensity_modality(modality: str) -> str:
+    """A dataset's modality name -> the ``modality`` argument of intensity.to_uint8 ("auto" if unknown)."""
+    from ENSAMSegmentLib.intensity import MODALITIES
+
+    name = modality.lower()
+    name = {"mri": "mr", "t1": "mr", "t2": "mr", "flair": "mr", "ultrasound": "us", "pet-ct": "pet"}.get(name, name)
+    return name if name in MODALITIES else "auto"
+
+
+def _load_pair(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    from ENSAMSegmentLib.imageio import ImageReadError, read_image
+    from ENSAMSegmentLib.intensity import IntensityError, to_uint8
+
+    try:
+        image, geometry = read_image(ref.image)
+        labels = read_image(ref.label)[0] if ref.label is not None else None
+    except ImageReadError as error:
+        raise CaseError(ref.name, "unreadable", str(error)) from None
+    try:
+        image = to_uint8(image, intensity_modality(ref.modality))
+    except IntensityError as error:
+        raise CaseError(ref.name, "broken normalisation", str(error)) from None
+    return image, labels, geometry.spacing_zyx
+
+
+def check_arrays(name: str, image: np.ndarray, labels: np.ndarray | None) -> None:
+    """Raise CaseError when image/labels cannot train: missing, not 3-D, shapes differ, no label."""
+    if labels is None:
+        raise CaseError(name, "missing labels", "no 'gts' in the file or no label file found")
+    if image.ndim != 3:
+        raise CaseError(name, "not a 3-D volume", f"image shape {image.shape}")
+    if labels.shape != image.shape:
+        raise CaseError(name, "mismatched shapes", f"image {image.shape}, labels {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
+        if not np.array_equal(labels, np.round(labels)):
+            raise CaseError(name, "labels are not integers", f"dtype {labels.dtype}")
+    if not labels.any():
+        raise CaseError(name, "labels all background", "no voxel has a label > 0")
+
+
+def load_arrays(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """(image, labels or None, spacing_zyx) of a case, unchecked. Raises CaseError("unreadable")."""
+    return _load_npz(ref) if ref.kind == "npz" else _load_pair(ref)
+
+
+def load_case(ref: CaseRef) -> Case:
+    """Load and check one case. Raises CaseError (with a reason) when it cannot be used."""
+    image, labels, spacing = load_arrays(ref)
+    check_arrays(ref.name, image, labels)
+    return Case(ref, image, labels.astype(np.int32, copy=False), spacing)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the non-zero voxels, hi exclusive. mask: [D, H, W] with at least one voxel."""
+    lo, hi = [], []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(present[0])
+        hi.append(present[-1] + 1)
+    return np.array(lo), np.array(hi)
+
+
+def random_crop(lo, hi, shape, rng: np.random.Generator, margin=MARGIN_RANGE) -> tuple[slice, ...]:
+    """Slices around [lo, hi) with a random margin in [margin[0], margin[1]] per side and axis."""
+    low, high = margin
+    before = rng.integers(low, high + 1, size=3)
+    after = rng.integers(low, high + 1, size=3)
+    start = np.maximum(np.asarray(lo) - before, 0)
+    stop = np.minimum(np.asarray(hi) + after, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def round_up(n: int, multiple: int = MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pool_factors(shape, budget: int, multiple: int = MULTIPLE) -> tuple[int, int, int]:
+    """Integer max-pool factors per axis so the pooled, padded volume fits in ``budget`` voxels."""
+    if budget < multiple**3:
+        raise ValueError(f"voxel budget {budget} is below one {multiple}^3 block")
+    factors = [1, 1, 1]
+
+    def padded(axis):
+        return round_up(math.ceil(shape[axis] / factors[axis]), multiple)
+
+    while math.prod(padded(a) for a in range(3)) > budget:
+        axis = max(range(3), key=lambda a: (math.ceil(shape[a] / factors[a]), -a))
+        factors[axis] += 1
+    return tuple(factors)
+
+
+def max_pool(array: np.ndarray, factors) -> np.ndarray:
+    """Max pooling of a [D, H, W] array by integer factors (ceil mode: edges kept)."""
+    if tuple(factors) == (1, 1, 1):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return F.max_pool3d(tensor, factors, factors, ceil_mode=True)[0, 0].numpy()
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
+    """Zero padding at the end of each axis up to a multiple of ``multiple``."""
+    pad = [(0, round_up(s, multiple) - s) for s in array.shape]
+    return np.pad(array, pad) if any(p for _, p in pad) else array
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 0-255 -> float32 0-1; other dtypes are min-max rescaled to [0, 1]."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """With probability 0.5 one of MONAI's bias field, Gaussian smoothing, histogram shift; in [0, 1]."""
+    from monai.transforms import RandBiasField, RandGaussianSmooth, RandHistogramShift
+
+    if rng.random() >= AUGMENT_PROBABILITY:
+        return image
+    choice = int(rng.integers(3))
+    transform = [RandBiasField(prob=1.0), RandGaussianSmooth(prob=1.0), RandHistogramShift(prob=1.0)][choice]
+    transform.set_random_state(seed=int(rng.integers(2**31)))
+    out = np.asarray(transform(image[None]))[0]
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def make_sample(
+    case: Case,
+    rng: np.random.Generator,
+    voxel_budget: int = DEFAULT_VOXEL_BUDGET,
+    augment: bool = True,
+    no_box_probability: float = NO_BOX_PROBABILITY,
+    box_offset: bool = True,
+) -> Sample:
+    """One training sample from ``case``: a random labelled instance, cropped, pooled, padded."""
+    from ENSAMSegmentLib.simulation import random_box_3d
+
+    values = np.unique(case.labels)
+    values = values[values > 0]
+    label = int(rng.choice(values))
+    mask = case.labels == label
+    crop = random_crop(*bounding_box(mask), case.labels.shape, rng)
+    image, mask = case.image[crop], mask[crop]
+    factors = pool_factors(mask.shape, voxel_budget)
+    image = to_unit_range(image)
+    image = max_pool(image, factors)
+    mask = max_pool(mask.astype(np.float32), factors) > 0
+    if augment:
+        image = augment_intensity(image, rng)
+    box = None
+    if rng.random() >= no_box_probability:
+        box = random_box_3d(mask, rng) if box_offset else random_box_3d(mask, rng, max_offset=0)
+        box = tuple(tuple(int(v) for v in corner) for corner in box)
+    shape = tuple(int(v) for v in mask.shape)
+    image, mask = pad_to_multiple(image), pad_to_multiple(mask)
+    spacing = tuple(float(s) * f for s, f in zip(case.spacing, factors))
+    return Sample(
+        image=torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
+        target=torch.from_numpy(mask.astype(np.float32))[None, None],
+        box=box,
+        spacing=spacing,
+        shape=shape,
+        case=case.ref.name,
+        label=label,
+        click_seed=int(rng.integers(2**31)),
+    )
+
+
+# ---------------------------------------------------------------------------- torch datasets
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of sample (epoch, index): independent of workers and of history."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Samples of a case list; indexed by (epoch, index) pairs from ``EpochSampler``."""
+
+    def __init__(
+        self,
+        cases: list[CaseRef],
+        seed: int = 0,
+        voxel_budget: int = DEFAULT_VOXEL_BUDGET,
+        augment: bool = True,
+        no_box_probability: float = NO_BOX_PROBABILITY,
+    ):
+        if not cases:
+            raise NoCasesError("the training set is empty")
+        self.cases, self.seed, self.voxel_budget = list(cases), seed, voxel_budget
+        self.augment, self.no_box_probability = augment, no_box_probability
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, index = key
+        rng = sample_rng(self.seed, epoch, index)
+        skipped: list[tuple[str, str]] = []
+        for attempt in range(len(self.cases)):
+            ref = self.cases[(index + attempt) % len(self.cases)]
+            try:
+                case = load_case(ref)
+            except CaseError as error:
+                skipped.append((ref.name, str(error)))
+                continue
+            sample = make_sample(case, rng, self.voxel_budget, self.augment, self.no_box_probability)
+            sample.skipped = skipped
+            return sample
+        reasons = "; ".join(reason for _, reason in skipped[:3])
+        raise NoCasesError(f"none of the {len(self.cases)} training cases can be used: {reasons}")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) keys of one epoch for one rank: a seeded permutation, split across ranks.
+
+    Every rank gets ceil(n / world_size) keys (the permutation wraps around), so all ranks
+    run the same number of steps; ``start`` skips the keys a resumed run already trained.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
+
+    def keys(self) -> list[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, self.epoch, 2**20]).permutation(self.n)
+        per_rank = samples_per_rank(self.n, self.world_size)
+        order = np.resize(order, per_rank * self.world_size)
+        return [(self.epoch, int(i)) for i in order[self.rank :: self.world_size]][self.start :]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return samples_per_rank(self.n, self.world_size) - self.start
+
+
+def samples_per_rank(n: int, world_size: int) -> int:
+    return -(-n // world_size)
+
+
+def first_item(batch: list):
+    """collate_fn for batch size 1 with variable shapes: the sample itself."""
+    return batch[0]
+
+
+def make_loader(
+    dataset: TrainingDataset, sampler: EpochSampler, workers: int, worker_init_fn=None
+) -> torch.utils.data.DataLoader:
+    """Batch size 1 (shapes vary), ``workers`` processes preparing samples ahead."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=1,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=first_item,
+        worker_init_fn=worker_init_fn if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,
+    )

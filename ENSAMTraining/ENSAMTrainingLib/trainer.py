@@ -1,0 +1,569 @@
+"""`ensam train`: the training loop, its run folder, checkpoints, resume, signals and DDP.
+
+Run folder (RUN_DIR = ``TrainConfig.out``):
+
+    config.json        the run's settings (also inside every checkpoint)
+    cases_train.txt    the training cases, cases_val.txt the held-out ones (case-list format)
+    checkpoint.pt      the latest checkpoint (atomic; see checkpoint.py)
+    metrics.csv        per optimizer step, validation.csv per epoch (logs.py), tensorboard/
+    loss.png           loss curve and validation DSC/NSD, redrawn every minute and each epoch
+    model.pt           the trained model (modelfile.save_model), written when training ends
+
+Schedule: ``epochs`` epochs; each visits every training case once in a seeded random order
+(one random object per visit); gradients of ``accumulation`` samples make one optimizer
+step (the last group of an epoch may be smaller; each sample's loss is divided by its
+group's size); Muon + AdamW (optim.py) with the lr halved at epochs 2, 5, 10; the nGPT
+weight renormalisation after every optimizer step.
+
+Checkpoints are taken between optimizer steps: every ``checkpoint_minutes``, at the end of
+every epoch, and when stopping. ``resume=True`` continues from RUN_DIR/checkpoint.pt exactly:
+model, optimiser states, schedule, RNG states, the epoch and the position in it; the data
+order and every sample are functions of (seed, epoch, index) (data.py), so the resumed run
+computes the same steps as one that never stopped. On resume the data settings come from
+the checkpoint; ``epochs``, ``device``, ``workers``, ``checkpoint_minutes``,
+``progress_json``, ``stop_after`` and ``progress_bar`` may be given anew.
+
+Stopping: SIGINT or SIGTERM lets the current accumulation group finish (at most
+``accumulation - 1`` more samples), writes a checkpoint and returns status "interrupted"
+(the CLI exits with code 3); a second SIGINT aborts at once. ``stop_after`` (optimizer steps
+in total) stops the same way with status "stopped" (for tests and benchmarks). DataLoader
+workers ignore both signals, so a Ctrl-C in a terminal reaches only the trainer.
+
+Scale out: under ``torchrun --nproc_per_node N`` each process trains on its share of every
+epoch's order (ceil(n / N) samples each) through DistributedDataParallel, NCCL on CUDA and
+gloo on the CPU; rank 0 writes logs, checkpoints, the progress stream and the model, and
+validates (the others wait). Stop and checkpoint decisions are all-reduced so every rank
+takes them at the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import (
+    DEFAULT_VOXEL_BUDGET,
+    NO_BOX_PROBABILITY,
+    CaseRef,
+    DataError,
+    EpochSampler,
+    TrainingDataset,
+    find_cases,
+    make_loader,
+    read_case_list,
+    samples_per_rank,
+    write_case_list,
+)
+from .logs import TRAIN_FIELDS, VAL_FIELDS, CsvLog, TensorBoard, val_row
+from .optim import make_optimizers, set_epoch_lr
+from .plots import plot_run
+from .progress import ProgressStream
+from .step import CLICKS, InteractiveStep
+
+EXIT_INTERRUPTED = 3
+PLOT_EVERY_S = 60.0
+RESUME_OVERRIDES = ("epochs", "device", "workers", "checkpoint_minutes", "progress_json", "stop_after", "progress_bar")
+
+
+class TrainingError(Exception):
+    """A run that cannot start or continue (bad settings, data, device or checkpoint)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run (the flags of `ensam train`)."""
+
+    data: str
+    out: str
+    cases: str | None = None  # case list (e.g. from `ensam coreset`); default: every case under data
+    epochs: int = 15
+    voxel_budget: int = DEFAULT_VOXEL_BUDGET
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    init_model: str | None = None  # model file to fine-tune
+    val_cases: str | None = None
+    val_fraction: float = 0.05
+    val_max: int = 20
+    checkpoint_minutes: float = 30.0
+    progress_json: str | None = None  # "-" = stdout
+    optimizer: str = "muon"  # "muon" (Muon + AdamW) or "adamw" (AdamW on everything)
+    muon_lr: float = 0.02
+    adamw_lr: float = 3e-4
+    weight_decay: float = 0.0
+    accumulation: int = 4
+    clicks: int = CLICKS
+    workers: int | None = None  # DataLoader workers per process; None: min(8, cpus per process - 1)
+    seed: int = 0
+    augment: bool = True
+    no_box_probability: float = NO_BOX_PROBABILITY
+    model_config: dict | None = None  # ENSAMConfig fields for a new model
+    amp: bool = True  # bf16 autocast on CUDA
+    stop_after: int | None = None  # stop (with a checkpoint) after this many optimizer steps in total
+    progress_bar: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str  # "finished", "interrupted", "stopped"
+    run_dir: Path
+    model: Path | None
+    checkpoint: Path
+    epoch: int
+    step: int
+    last_val: dict | None
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device for "auto" / "cpu" / "cuda[:n]" / "mps"; TrainingError when it is not there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {name!r} asked for, but this torch has no CUDA device")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise TrainingError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("device 'mps' asked for, but it is not available")
+    return device
+
+
+def default_workers(world_size: int) -> int:
+    return max(0, min(8, (os.cpu_count() or 1) // world_size - 1))
+
+
+def split_cases(config: TrainConfig) -> tuple[list[CaseRef], list[CaseRef]]:
+    """(training, validation) cases: the given lists, or a seeded held-out fraction."""
+    try:
+        cases = read_case_list(config.cases, config.data) if config.cases else find_cases(config.data)
+        val = read_case_list(config.val_cases, config.data) if config.val_cases else None
+    except DataError as error:
+        raise TrainingError(str(error)) from None
+    if val is not None:
+        held = {c.image for c in val}
+        train = [c for c in cases if c.image not in held]
+    else:
+        n_val = min(config.val_max, int(round(config.val_fraction * len(cases))), len(cases) - 1)
+        order = np.random.default_rng([config.seed, 7]).permutation(len(cases))
+        held = set(order[: max(0, n_val)].tolist())
+        val = [c for i, c in enumerate(cases) if i in held]
+        train = [c for i, c in enumerate(cases) if i not in held]
+    if not train:
+        raise TrainingError("no training case left after holding out the validation cases")
+    return train, val
+
+
+def build_model(config: TrainConfig, device: torch.device, model_config: dict | None = None) -> nn.Module:
+    """A new ENSAM (from ``model_config`` or config.model_config), or the model of ``init_model``."""
+    from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+
+    if model_config is None and config.init_model:
+        from ENSAMSegmentLib.modelfile import load_model
+
+        try:
+            model, _info = load_model(config.init_model, device)
+        except Exception as error:  # the model file's own errors, shown as one line
+            raise TrainingError(f"cannot load --init-model {config.init_model}: {error}") from None
+        return model.to(device)
+    values = model_config if model_config is not None else (config.model_config or {})
+    try:
+        net_config = ENSAMConfig.from_dict(values) if values else ENSAMConfig()
+    except (TypeError, ValueError) as error:
+        raise TrainingError(f"bad model configuration {values}: {error}") from None
+    torch.manual_seed(config.seed)
+    return ENSAM(net_config).to(device)
+
+
+def renormalize(model: nn.Module) -> None:
+    from ENSAMSegmentLib.network import renormalize_weights
+
+    renormalize_weights(model)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: stop signals are the trainer's business, not the workers'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run; ``run()`` trains until done, stopped or interrupted."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: ProgressStream | None = None):
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.state = self._resume_state(resume)
+        if self.state is not None:
+            saved = TrainConfig.from_dict(self.state["config"])
+            config = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_OVERRIDES})
+        self.config = config
+        self.info = dist_utils.env_info()
+        self.device = pick_device(config.device, self.info.local_rank)
+        self.info = dist_utils.init_distributed(self.device)
+        self.main = self.info.is_main
+        self.progress = progress if progress is not None else ProgressStream(config.progress_json if self.main else None)
+        self.train_cases, self.val_cases = split_cases(config)
+        self.per_rank = samples_per_rank(len(self.train_cases), self.info.world_size)
+        self.steps_per_epoch = math.ceil(self.per_rank / config.accumulation)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self._setup_model()
+        self.epoch, self.position, self.step = 0, 0, 0
+        self.elapsed_before, self.epoch_loss, self.last_val = 0.0, [0.0, 0], None
+        if self.state is not None:
+            self._restore(self.state)
+        self.stop_requested = False
+        self.reported: set[str] = set()
+        self.samples_run, self.steps_run, self.train_time = 0, 0, 0.0
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _resume_state(self, resume: bool) -> dict | None:
+        if not resume:
+            if self.checkpoint_path.exists():
+                raise TrainingError(
+                    f"{self.out} already holds a run (checkpoint.pt): continue it with --resume, or choose another --out"
+                )
+            return None
+        try:
+            return load_checkpoint(self.checkpoint_path)
+        except CheckpointError as error:
+            raise TrainingError(f"cannot resume: {error}") from None
+
+    def _setup_model(self) -> None:
+        config = self.config
+        model_config = self.state["model_config"] if self.state is not None else None
+        self.model = build_model(config, self.device, model_config)
+        self.model_config = self.model.config.to_dict()
+        if self.state is None:
+            renormalize(self.model)
+        self.optimizers = make_optimizers(
+            self.model, config.optimizer, config.muon_lr, config.adamw_lr, weight_decay=config.weight_decay
+        )
+        self.step_module = InteractiveStep(self.model, config.clicks, config.amp)
+        self.ddp = None
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.step_module, device_ids=ids, find_unused_parameters=True)
+        self.dataset = TrainingDataset(
+            self.train_cases, config.seed, config.voxel_budget, config.augment, config.no_box_probability
+        )
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.epoch, self.position, self.step = state["epoch"], state["position"], state["step"]
+        self.elapsed_before, self.epoch_loss = state["elapsed_s"], list(state["epoch_loss"])
+        self.last_val = state["last_val"]
+        set_rng_state(state["rng"])
+
+    def _checkpoint_state(self) -> dict:
+        return dict(
+            config=self.config.to_dict(),
+            model_config=self.model_config,
+            model=self.model.state_dict(),
+            optimizers=[o.state_dict() for o in self.optimizers],
+            epoch=self.epoch,
+            position=self.position,
+            step=self.step,
+            rng=rng_state(),
+            elapsed_s=self.elapsed_before + self.train_time,
+            epoch_loss=list(self.epoch_loss),
+            last_val=self.last_val,
+        )
+
+    def _open_logs(self) -> None:
+        keep = self.step if self.state is not None else None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+            write_case_list(self.out / "cases_train.txt", self.train_cases, self.config.data)
+            write_case_list(self.out / "cases_val.txt", self.val_cases, self.config.data)
+            self.train_log = CsvLog(self.out / "metrics.csv", TRAIN_FIELDS, keep)
+            self.val_log = CsvLog(self.out / "validation.csv", VAL_FIELDS, keep)
+            self.tensorboard = TensorBoard(self.out / "tensorboard", purge_step=keep)
+        self.last_plot = time.monotonic()
+        self.last_checkpoint = time.monotonic()
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (self.main and self.config.progress_bar),
+        )
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print(
+            f"\nensam train: {signal.Signals(signum).name} received: stopping after this step, with a checkpoint",
+            file=sys.stderr,
+        )
+
+    def _install_signals(self) -> dict:
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return previous
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        previous = self._install_signals()
+        try:
+            self._open_logs()
+            self._emit_start()
+            while self.epoch < self.config.epochs:
+                reason = self._train_epoch()
+                if reason:
+                    return self._stop(reason)
+                self._end_epoch()
+            return self._finish()
+        except Exception as error:
+            self.progress.emit("error", message=str(error), type=type(error).__name__)
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if hasattr(self, "bar"):
+                self.bar.close()
+            if self.main and hasattr(self, "tensorboard"):
+                self.tensorboard.close()
+            dist_utils.shutdown()
+
+    def _emit_start(self) -> None:
+        self.progress.emit(
+            "start",
+            run_dir=str(self.out),
+            epochs=self.config.epochs,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            train_cases=len(self.train_cases),
+            val_cases=len(self.val_cases),
+            device=str(self.device),
+            world_size=self.info.world_size,
+            resumed=self.state is not None,
+            epoch=self.epoch,
+            step=self.step,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+        )
+
+    def _train_epoch(self) -> str | None:
+        """Train the rest of the current epoch; the stop reason, or None at the epoch's end."""
+        config = self.config
+        set_epoch_lr(self.optimizers, self.epoch)
+        sampler = EpochSampler(
+            len(self.train_cases), config.seed, self.epoch, self.position, self.info.rank, self.info.world_size
+        )
+        workers = default_workers(self.info.world_size) if config.workers is None else config.workers
+        loader = make_loader(self.dataset, sampler, workers, worker_init_fn=_ignore_stop_signals)
+        module = self.ddp if self.ddp is not None else self.step_module
+        group: list[float] = []
+        started = time.monotonic()
+        for sample in loader:
+            self._report_skipped(sample.skipped)
+            first = (self.position // config.accumulation) * config.accumulation
+            size = min(config.accumulation, self.per_rank - first)
+            last = self.position + 1 == first + size
+            with self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext():
+                loss, _ = module(sample)
+                (loss / size).backward()
+            group.append(float(loss.detach()))
+            self.position += 1
+            self.samples_run += 1
+            if not last:
+                continue
+            self.train_time += time.monotonic() - started
+            self._optimizer_step(group)
+            started = time.monotonic()
+            group = []
+            reason = self._decide()
+            if reason:
+                return reason
+        return None
+
+    def _optimizer_step(self, group: list[float]) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        renormalize(self.model)
+        self.step += 1
+        self.steps_run += 1
+        loss = dist_utils.mean_over_ranks(sum(group) / len(group), self.info, self.device)
+        self.epoch_loss[0] += loss
+        self.epoch_loss[1] += 1
+        if not self.main:
+            return
+        rate = self.samples_run * self.info.world_size / max(self.train_time, 1e-9)
+        eta = (self.total_steps - self.step) * self.train_time / max(self.steps_run, 1)
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        row = dict(
+            epoch=self.epoch,
+            step=self.step,
+            samples=self.samples_run * self.info.world_size,
+            loss=loss,
+            lr=lr,
+            samples_per_s=rate,
+            time_s=self.elapsed_before + self.train_time,
+        )
+        self.train_log.write(row)
+        self.tensorboard.scalars("train", dict(loss=loss, lr=lr, samples_per_s=rate), self.step)
+        self.progress.emit("step", **{k: row[k] for k in ("epoch", "step", "samples", "loss", "lr")},
+                           total=self.total_steps, samples_per_s=rate, eta_s=eta)
+        self.bar.set_postfix(epoch=self.epoch, loss=f"{loss:.4f}", samples_s=f"{rate:.2f}", refresh=False)
+        self.bar.update(1)
+        if time.monotonic() - self.last_plot > PLOT_EVERY_S:
+            self._plot()
+
+    def _decide(self) -> str | None:
+        """After an optimizer step: stop ("signal"/"stop"), or checkpoint now ("time")? Same on every rank."""
+        config = self.config
+        due = time.monotonic() - self.last_checkpoint > config.checkpoint_minutes * 60
+        stop_after = config.stop_after is not None and self.step >= config.stop_after
+        signalled, due, stop_after = dist_utils.any_true(
+            [self.stop_requested, due, stop_after], self.info, self.device
+        )
+        if signalled:
+            return "signal"
+        if stop_after:
+            return "stop"
+        if due:
+            self._save_checkpoint("time")
+        return None
+
+    def _end_epoch(self) -> None:
+        train_loss = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
+        val = self._validate()
+        finished_epoch = self.epoch
+        self.epoch += 1
+        self.position = 0
+        self.epoch_loss = [0.0, 0]
+        if val is not None:
+            self.last_val = val
+        if self.main:
+            if val is not None:
+                self.val_log.write(val_row(finished_epoch, self.step, val))
+                self.tensorboard.scalars("val", {k: v for k, v in val.items() if not isinstance(v, list)}, self.step)
+            self.progress.emit("epoch", epoch=finished_epoch, step=self.step, train_loss=train_loss, val=val)
+            self._plot()
+        self._save_checkpoint("epoch")
+
+    def _validate(self) -> dict | None:
+        if not self.val_cases:
+            return None
+        val = None
+        if self.main:
+            from .validation import validate
+
+            val = validate(
+                self.model,
+                self.val_cases,
+                seed=self.config.seed,
+                voxel_budget=self.config.voxel_budget,
+                clicks=self.config.clicks,
+                amp=self.config.amp,
+            )
+        dist_utils.barrier(self.info)
+        return val
+
+    def _report_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        for case, reason in skipped:
+            if case in self.reported:
+                continue
+            self.reported.add(case)
+            print(f"ensam train: skipping case {reason}", file=sys.stderr)
+            self.progress.emit("warning", message=f"skipping case {reason}", case=case)
+
+    def _plot(self) -> None:
+        self.last_plot = time.monotonic()
+        plot_run(self.out)
+
+    def _save_checkpoint(self, reason: str) -> Path:
+        if self.main:
+            save_checkpoint(self.checkpoint_path, self._checkpoint_state())
+            self.progress.emit("checkpoint", path=self.checkpoint_path, epoch=self.epoch, step=self.step, reason=reason)
+        dist_utils.barrier(self.info)
+        self.last_checkpoint = time.monotonic()
+        return self.checkpoint_path
+
+    def _stop(self, reason: str) -> TrainResult:
+        self._save_checkpoint(reason)
+        status = "interrupted" if reason == "signal" else "stopped"
+        if self.main:
+            self._plot()
+            self.progress.emit(
+                "done", status=status, model=None, checkpoint=self.checkpoint_path, epoch=self.epoch, step=self.step
+            )
+        return TrainResult(status, self.out, None, self.checkpoint_path, self.epoch, self.step, self.last_val)
+
+    def _finish(self) -> TrainResult:
+        model_path = self.out / "model.pt"
+        if self.main:
+            from ENSAMSegmentLib.modelfile import save_model
+
+            save_model(
+                model_path,
+                self.model,
+                training_data=f"{len(self.train_cases)} cases from {self.config.data}",
+                metrics=self.last_val,
+                notes=(
+                    f"ensam train: {self.config.epochs} epochs, {self.step} steps, optimizer {self.config.optimizer}, "
+                    f"voxel budget {self.config.voxel_budget}, seed {self.config.seed}"
+                ),
+            )
+            self.progress.emit(
+                "done", status="finished", model=model_path, checkpoint=self.checkpoint_path, epoch=self.epoch,
+                step=self.step,
+            )
+        dist_utils.barrier(self.info)
+        return TrainResult("finished", self.out, model_path, self.checkpoint_path, self.epoch, self.step, self.last_val)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: ProgressStream | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run described by ``config``. See the module docstring."""
+    return Trainer(config, resume, progress).run()
