@@ -14,7 +14,7 @@ Events, in the order they occur, and their fields:
                 (where the run starts: 0/0, or the checkpoint's position when resumed),
                 parameters (model parameter count)
 ``step``        epoch (0-based), step (optimizer steps done, over all epochs), total (total_steps),
-                samples (samples done in this run's epochs so far, all ranks), loss (mean of this
+                samples (samples trained so far, all ranks, resumed runs included), loss (mean of this
                 step's accumulated samples), lr (Muon lr, or AdamW lr when only AdamW),
                 samples_per_s, eta_s (seconds left, estimated)
 ``warning``     message, case (optional): e.g. a case skipped because it cannot be used

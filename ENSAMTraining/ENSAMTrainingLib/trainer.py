@@ -222,13 +222,11 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 class Trainer:
     """One training run; ``run()`` trains until done, stopped or interrupted."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: ProgressStream | None = None):
+    def __init__(self, config: TrainConfig, state: dict | None = None, progress: ProgressStream | None = None):
+        """``state``: a loaded checkpoint to continue from (see ``resume``), or None for a new run."""
         self.out = Path(config.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
-        self.state = self._resume_state(resume)
-        if self.state is not None:
-            saved = TrainConfig.from_dict(self.state["config"])
-            config = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_OVERRIDES})
+        self.state = state
         self.config = config
         self.info = dist_utils.env_info()
         self.device = pick_device(config.device, self.info.local_rank)
@@ -241,7 +239,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self._setup_model()
         self.epoch, self.position, self.step = 0, 0, 0
-        self.elapsed_before, self.epoch_loss, self.last_val = 0.0, [0.0, 0], None
+        self.elapsed_before, self.samples_before, self.epoch_loss, self.last_val = 0.0, 0, [0.0, 0], None
         if self.state is not None:
             self._restore(self.state)
         self.stop_requested = False
@@ -249,18 +247,6 @@ class Trainer:
         self.samples_run, self.steps_run, self.train_time = 0, 0, 0.0
 
     # -- set-up -----------------------------------------------------------------------------
-
-    def _resume_state(self, resume: bool) -> dict | None:
-        if not resume:
-            if self.checkpoint_path.exists():
-                raise TrainingError(
-                    f"{self.out} already holds a run (checkpoint.pt): continue it with --resume, or choose another --out"
-                )
-            return None
-        try:
-            return load_checkpoint(self.checkpoint_path)
-        except CheckpointError as error:
-            raise TrainingError(f"cannot resume: {error}") from None
 
     def _setup_model(self) -> None:
         config = self.config
@@ -289,6 +275,7 @@ class Trainer:
             optimizer.load_state_dict(saved)
         self.epoch, self.position, self.step = state["epoch"], state["position"], state["step"]
         self.elapsed_before, self.epoch_loss = state["elapsed_s"], list(state["epoch_loss"])
+        self.samples_before = state["samples"]
         self.last_val = state["last_val"]
         set_rng_state(state["rng"])
 
@@ -303,6 +290,7 @@ class Trainer:
             step=self.step,
             rng=rng_state(),
             elapsed_s=self.elapsed_before + self.train_time,
+            samples=self.samples_before + self.samples_run * self.info.world_size,
             epoch_loss=list(self.epoch_loss),
             last_val=self.last_val,
         )
@@ -445,7 +433,7 @@ class Trainer:
         row = dict(
             epoch=self.epoch,
             step=self.step,
-            samples=self.samples_run * self.info.world_size,
+            samples=self.samples_before + self.samples_run * self.info.world_size,
             loss=loss,
             lr=lr,
             samples_per_s=rate,
@@ -564,6 +552,23 @@ class Trainer:
         return TrainResult("finished", self.out, model_path, self.checkpoint_path, self.epoch, self.step, self.last_val)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: ProgressStream | None = None) -> TrainResult:
-    """Train (or, with ``resume``, continue) the run described by ``config``. See the module docstring."""
-    return Trainer(config, resume, progress).run()
+def train(config: TrainConfig, progress: ProgressStream | None = None) -> TrainResult:
+    """Train a new run described by ``config`` (see the module docstring)."""
+    if (Path(config.out) / "checkpoint.pt").exists():
+        raise TrainingError(
+            f"{config.out} already holds a run (checkpoint.pt): continue it with --resume, or choose another --out"
+        )
+    return Trainer(config, None, progress).run()
+
+
+def resume(out: str | Path, progress: ProgressStream | None = None, **overrides) -> TrainResult:
+    """Continue the run in ``out`` from its checkpoint; ``overrides``: any of RESUME_OVERRIDES."""
+    unknown = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if unknown:
+        raise TrainingError(f"cannot change {', '.join(unknown)} when resuming (only {', '.join(RESUME_OVERRIDES)})")
+    try:
+        state = load_checkpoint(Path(out) / "checkpoint.pt")
+    except CheckpointError as error:
+        raise TrainingError(f"cannot resume: {error}") from None
+    config = dataclasses.replace(TrainConfig.from_dict(state["config"]), out=str(out), **overrides)
+    return Trainer(config, state, progress).run()

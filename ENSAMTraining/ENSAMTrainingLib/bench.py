@@ -1,0 +1,235 @@
+"""Training benchmarks (not tests): the paper's ablation at small scale, and training throughput.
+
+``ensam train-bench ablation --out DIR [--data DIR] [--steps 60] [--voxel-budget N] [--device D]``
+    Trains three variants with the same seed, data, samples and steps: absolute positions +
+    AdamW, LieRE + AdamW, LieRE + Muon (paper, Fig. 4). Writes DIR/<variant>/ (ordinary run
+    folders), DIR/ablation.csv (step, then one training-loss column per variant) and
+    DIR/ablation.png. Without --data, a synthetic phantom set is generated in DIR/data.
+    Function: ``run_ablation``.
+
+``ensam train-bench throughput [--shapes 64x64x64 128x128x128 ...] [--steps 3] [--device D]``
+    Samples per second and peak memory of the whole training step (encoder, box + 5 click
+    steps, backward, Muon + AdamW step, renormalisation) at each patch shape, on a phantom.
+    Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak
+    resident set size (a high-water mark over the whole process, so only increases).
+    Function: ``measure_throughput``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Sample, find_cases, samples_per_rank
+from .logs import read_csv
+from .plots import plot_curves
+
+ABLATION_VARIANTS = {
+    # name: (positional encoding, optimizer)
+    "absolute+adamw": ("absolute", "adamw"),
+    "liere+adamw": ("liere", "adamw"),
+    "liere+muon": ("liere", "muon"),
+}
+
+
+def run_ablation(
+    out: str | Path,
+    data: str | Path | None = None,
+    steps: int = 60,
+    voxel_budget: int = 32_768,
+    device: str = "auto",
+    model_config: dict | None = None,
+    n_cases: int = 8,
+    seed: int = 0,
+    progress_bar: bool = True,
+) -> dict[str, list[float]]:
+    """Train the three ablation variants for ``steps`` optimizer steps each; returns loss per variant."""
+    from .trainer import TrainConfig, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from ENSAMSegmentLib.phantom import write_challenge_dataset
+
+        data = out / "data"
+        if not any(data.glob("*.npz")):
+            write_challenge_dataset(data, n_cases, shape=(48, 64, 64), seed=seed)
+    n_train = len(find_cases(data))
+    accumulation = 4
+    epochs = math.ceil(steps / math.ceil(samples_per_rank(n_train, 1) / accumulation))
+    losses: dict[str, list[float]] = {}
+    for name, (encoding, optimizer) in ABLATION_VARIANTS.items():
+        run_dir = out / name
+        config = TrainConfig(
+            data=str(data),
+            out=str(run_dir),
+            epochs=epochs,
+            voxel_budget=voxel_budget,
+            device=device,
+            val_fraction=0.0,
+            optimizer=optimizer,
+            model_config={**(model_config or {}), "positional_encoding": encoding},
+            seed=seed,
+            accumulation=accumulation,
+            stop_after=steps,
+            progress_bar=progress_bar,
+            checkpoint_minutes=1e9,
+        )
+        if not (run_dir / "checkpoint.pt").exists():
+            print(f"ablation: training {name}", file=sys.stderr)
+            train(config)
+        losses[name] = [row["loss"] for row in read_csv(run_dir / "metrics.csv")][:steps]
+    n = min(len(v) for v in losses.values())
+    with open(out / "ablation.csv", "w") as f:
+        f.write("step," + ",".join(losses) + "\n")
+        for i in range(n):
+            f.write(f"{i + 1}," + ",".join(f"{losses[k][i]:.6g}" for k in losses) + "\n")
+    curves = {k: (np.arange(1, n + 1), np.array(v[:n])) for k, v in losses.items()}
+    plot_curves(curves, out / "ablation.png", title=f"ablation: training loss, {n} steps, budget {voxel_budget} voxels")
+    return losses
+
+
+def phantom_sample(shape: tuple[int, int, int], seed: int = 0) -> Sample:
+    """A training sample of exactly ``shape`` (multiples of 8): phantom CT, its liver, a box."""
+    from ENSAMSegmentLib.intensity import to_uint8
+    from ENSAMSegmentLib.phantom import make_phantom
+    from ENSAMSegmentLib.simulation import random_box_3d
+
+    image, labels = make_phantom(shape, seed, n_objects=3)
+    mask = labels == 1
+    box = random_box_3d(mask, np.random.default_rng(seed))
+    return Sample(
+        image=torch.from_numpy(to_uint8(image, "ct").astype(np.float32) / 255.0)[None, None],
+        target=torch.from_numpy(mask.astype(np.float32))[None, None],
+        box=tuple(tuple(int(v) for v in c) for c in box),
+        spacing=(2.0, 1.0, 1.0),
+        shape=tuple(shape),
+        case="phantom",
+        label=1,
+        click_seed=seed,
+    )
+
+
+def measure_throughput(
+    shapes: list[tuple[int, int, int]],
+    device: str = "auto",
+    steps: int = 3,
+    model_config: dict | None = None,
+    amp: bool = True,
+) -> list[dict]:
+    """Per shape: samples/s of the full training step (after one warm-up) and peak memory in MiB."""
+    from .optim import make_optimizers
+    from .step import InteractiveStep
+    from .trainer import TrainConfig, build_model, pick_device, renormalize
+
+    torch_device = pick_device(device)
+    config = TrainConfig(data="", out="", model_config=model_config)
+    model = build_model(config, torch_device)
+    optimizers = make_optimizers(model)
+    step = InteractiveStep(model, amp=amp)
+    results = []
+    for shape in shapes:
+        sample = phantom_sample(shape)
+        if torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(torch_device)
+        times = []
+        for i in range(steps + 1):
+            _sync(torch_device)
+            start = time.perf_counter()
+            loss, _ = step(sample)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            renormalize(model)
+            _sync(torch_device)
+            if i > 0:  # the first run warms up (allocations, kernel choice)
+                times.append(time.perf_counter() - start)
+        if torch_device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(torch_device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        results.append(
+            dict(
+                shape="x".join(map(str, shape)),
+                voxels=int(np.prod(shape)),
+                device=str(torch_device),
+                samples_per_s=1.0 / float(np.mean(times)),
+                seconds_per_sample=float(np.mean(times)),
+                peak_memory_mib=peak,
+                peak_memory_kind="cuda allocated" if torch_device.type == "cuda" else "process max RSS",
+            )
+        )
+        print(_format_row(results[-1]), file=sys.stderr)
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _format_row(r: dict) -> str:
+    return (
+        f"{r['shape']:>14} {r['voxels']:>10} voxels  {r['samples_per_s']:8.3f} samples/s  "
+        f"{r['peak_memory_mib']:9.0f} MiB ({r['peak_memory_kind']})"
+    )
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 64x64x64 (z x y x x), got {text}") from None
+    if len(shape) != 3 or any(s < 8 or s % 8 for s in shape):
+        raise argparse.ArgumentTypeError(f"shape must be 3 multiples of 8, got {text}")
+    return shape
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train-bench", help="training benchmarks: the paper's ablation, throughput")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    a = sub.add_parser("ablation", help="absolute+AdamW vs LieRE+AdamW vs LieRE+Muon: loss curves")
+    a.add_argument("--out", "-o", required=True)
+    a.add_argument("--data", help="training data (default: phantoms generated in OUT/data)")
+    a.add_argument("--steps", type=int, default=60)
+    a.add_argument("--voxel-budget", type=int, default=32_768)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
+    a.set_defaults(func=_run_ablation_cmd)
+    t = sub.add_parser("throughput", help="samples/s and peak memory of the training step per patch shape")
+    t.add_argument("--shapes", type=_shape, nargs="+", default=[(64, 64, 64), (64, 128, 128)])
+    t.add_argument("--steps", type=int, default=3)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
+    t.add_argument("--no-amp", dest="amp", action="store_false")
+    t.add_argument("--out", help="write the results as JSON here")
+    t.set_defaults(func=_run_throughput_cmd)
+    return p
+
+
+def _run_ablation_cmd(args) -> int:
+    losses = run_ablation(args.out, args.data, args.steps, args.voxel_budget, args.device, args.model_config)
+    for name, values in losses.items():
+        tail = values[-max(1, len(values) // 5):]
+        print(f"{name:>16}: first loss {values[0]:.4f}, mean of the last 20% {np.mean(tail):.4f}")
+    print(f"wrote {Path(args.out) / 'ablation.csv'} and {Path(args.out) / 'ablation.png'}")
+    return 0
+
+
+def _run_throughput_cmd(args) -> int:
+    results = measure_throughput(args.shapes, args.device, args.steps, args.model_config, args.amp)
+    for r in results:
+        print(_format_row(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0

@@ -1,0 +1,173 @@
+"""`ensam train`, `ensam coreset` and `ensam train-bench`: the training commands of the `ensam` tool.
+
+ENSAMSegmentLib/cli/main.py imports this module when ENSAMTrainingLib is installed and calls
+``register(subparsers)``, which adds all three commands.
+
+Exit codes of `ensam train`: 0 finished (or stopped by --stop-after), 2 bad input (one line
+on stderr, and an "error" event on the progress stream), 3 interrupted by SIGINT/SIGTERM
+after writing a checkpoint (continue with --resume), 1 an unexpected error (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .data import DEFAULT_VOXEL_BUDGET, DataError
+
+TRAIN_HELP = """\
+Train ENSAM (or fine-tune a model file with --init-model) on challenge .npz files or image/label
+pairs under --data. Writes RUN_DIR/checkpoint.pt (every --checkpoint-minutes, each epoch, on
+SIGINT/SIGTERM), metrics.csv, validation.csv, loss.png and, at the end, RUN_DIR/model.pt.
+--resume continues RUN_DIR exactly. Under `torchrun --nproc_per_node N` it trains with
+DistributedDataParallel. --progress-json - writes JSON-lines events to stdout
+(ENSAMTrainingLib.progress documents them)."""
+
+
+def _user_error(message: str) -> Exception:
+    from ENSAMSegmentLib.cli.main import UserError
+
+    return UserError(message)
+
+
+def _json_arg(text: str) -> dict:
+    """A JSON object given inline or as a path to a .json file."""
+    try:
+        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"not a JSON object or JSON file: {text} ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- ensam train
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train or fine-tune ENSAM", description=TRAIN_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="folder of .npz cases (also <Modality>/<Dataset>/<case>.npz) or image/label pairs")
+    p.add_argument("--cases", help="case list (e.g. from `ensam coreset`), paths relative to --data")
+    p.add_argument("--out", "-o", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
+    p.add_argument("--voxel-budget", type=_positive_int, help=f"largest patch in voxels (default {DEFAULT_VOXEL_BUDGET})")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--init-model", help="model file to fine-tune instead of training from scratch")
+    p.add_argument("--val-cases", help="case list of held-out validation cases")
+    p.add_argument("--val-fraction", type=float, help="fraction held out for validation when no --val-cases (0.05)")
+    p.add_argument("--val-max", type=int, help="at most this many validation cases (20)")
+    p.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (30)")
+    p.add_argument("--progress-json", metavar="PATH|-", help="JSON-lines progress events to a file, or - for stdout")
+    p.add_argument("--optimizer", choices=("muon", "adamw"), help="muon: Muon + AdamW (default); adamw: AdamW only")
+    p.add_argument("--muon-lr", type=float, help="initial Muon learning rate (0.02)")
+    p.add_argument("--adamw-lr", type=float, help="initial AdamW learning rate (3e-4)")
+    p.add_argument("--accumulation", type=_positive_int, help="samples per optimizer step (4)")
+    p.add_argument("--clicks", type=int, help="simulated clicks after the box (5)")
+    p.add_argument("--workers", type=int, help="data loader processes (default: min(8, CPUs - 1))")
+    p.add_argument("--seed", type=int, help="seed of data order, crops, augmentation, clicks, initial weights (0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no intensity augmentation")
+    p.add_argument("--model-config", type=_json_arg, help="ENSAMConfig fields of a new model, as JSON or a .json file")
+    p.add_argument("--positional-encoding", choices=("liere", "absolute"), help="positional encoding of a new model")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA")
+    p.add_argument("--stop-after", type=_positive_int, help="stop with a checkpoint after this many optimizer steps")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_train(args) -> int:
+    from .progress import ProgressStream
+    from .trainer import EXIT_INTERRUPTED, RESUME_OVERRIDES, TrainConfig, TrainingError, resume, train
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
+    if args.positional_encoding:
+        model_config = dict(given.pop("model_config", {}) or {})
+        model_config["positional_encoding"] = given.pop("positional_encoding")
+        given["model_config"] = model_config
+    progress = ProgressStream(args.progress_json if _rank() == 0 else None)
+    try:
+        if args.resume:
+            ignored = sorted(k for k in given if k not in RESUME_OVERRIDES and k != "out")
+            if ignored:
+                print(f"ensam train: --resume keeps the run's settings; ignoring {', '.join(ignored)}", file=sys.stderr)
+            result = resume(args.out, progress, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
+        else:
+            if not args.data:
+                raise TrainingError("--data is required (unless --resume)")
+            result = train(TrainConfig(**given), progress)
+    except (TrainingError, DataError) as error:
+        progress.emit("error", message=str(error), type=type(error).__name__)
+        raise _user_error(str(error)) from None
+    finally:
+        progress.close()
+    if result.status == "interrupted":
+        print(f"ensam train: interrupted; continue with: ensam train --out {args.out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.model is not None:
+        print(f"ensam train: model written to {result.model}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- ensam coreset
+
+
+def add_coreset_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "coreset",
+        help="select a training coreset: equal counts per dataset, bad cases skipped",
+        description="Select --fraction of the cases under --data (at most --max), the same number from every "
+        "dataset, skipping unreadable cases, uint8 label overflow and broken normalisation "
+        "(ENSAMTrainingLib.coreset documents the criteria). Writes the case list and LIST-stem.report.json.",
+    )
+    p.add_argument("--data", required=True, help="folder of cases (as for `ensam train`)")
+    p.add_argument("--fraction", type=float, default=0.1, help="fraction of all cases (default 0.1)")
+    p.add_argument("--max", dest="max_cases", type=_positive_int, help="at most this many cases")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                   help="datasets to leave out: dataset or modality names, Modality/Dataset, wildcards allowed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes checking cases in parallel")
+    p.add_argument("-o", "--output", required=True, help="case list to write (one case per line)")
+    p.add_argument("--report", help="JSON report path (default: beside the list, <stem>.report.json)")
+    p.set_defaults(func=run_coreset)
+    return p
+
+
+def run_coreset(args) -> int:
+    from .coreset import select_coreset, write_coreset
+
+    try:
+        result = select_coreset(args.data, args.fraction, args.max_cases, args.exclude, args.seed, args.workers)
+    except DataError as error:
+        raise _user_error(str(error)) from None
+    report = write_coreset(result, args.output, args.report)
+    print(result.format())
+    print(f"\nwrote {args.output} and {report}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def register(subparsers) -> None:
+    """Add `train`, `coreset` and `train-bench` to the `ensam` tool."""
+    add_train_parser(subparsers)
+    add_coreset_parser(subparsers)
+    from .bench import add_bench_parser
+
+    add_bench_parser(subparsers)
