@@ -15,6 +15,8 @@ import sys
 # Order is the order shown by `ensam --help`.
 COMMAND_MODULES = [
     "ENSAMSegmentLib.cli.cmd_info",
+    "ENSAMSegmentLib.cli.cmd_predict",
+    "ENSAMSegmentLib.cli.cmd_evaluate",
 ]
 OPTIONAL_COMMAND_MODULES = [
     # (module, reason it may be absent)
