@@ -1,0 +1,192 @@
+"""ENSAM model files: one torch.save'd plain dict with the weights, the architecture and metadata.
+
+    {"format": "ensam-model", "format_version": 1,
+     "config": ENSAMConfig.to_dict(), "weights": state_dict,
+     "created": ISO date, "ensam_version": str, "training_data": str, "metrics": dict, "notes": str}
+
+Files are written atomically (a temporary file in the same folder, then os.replace) and read with
+torch.load(weights_only=True), so loading never runs code from the file. Every way a file can be
+wrong raises a `ModelFileError` subclass naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ENSAMSegmentLib import __version__
+from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+
+FORMAT = "ensam-model"
+FORMAT_VERSION = 1
+UNTRAINED = "untrained (random initialisation)"
+
+
+class ModelFileError(Exception):
+    """A model file that cannot be used; the message names the file and what is wrong."""
+
+
+class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
+    pass
+
+
+class NotAModelFileError(ModelFileError):
+    pass
+
+
+class ModelFileVersionError(ModelFileError):
+    pass
+
+
+class ArchitectureMismatchError(ModelFileError):
+    pass
+
+
+class CorruptModelFileError(ModelFileError):
+    """Truncated or damaged (e.g. an interrupted copy or download)."""
+
+
+@dataclass
+class ModelInfo:
+    """A model file's metadata (read without building the model)."""
+
+    path: Path | None
+    config: ENSAMConfig
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+    ensam_version: str = ""
+    training_data: str = ""
+    metrics: dict = field(default_factory=dict)
+    notes: str = ""
+    parameters: int = 0
+
+    @property
+    def untrained(self) -> bool:
+        return self.training_data.startswith("untrained")
+
+    def metadata(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "format_version": self.format_version,
+                "created": self.created, "ensam_version": self.ensam_version,
+                "training_data": self.training_data, "untrained": self.untrained,
+                "metrics": self.metrics, "notes": self.notes, "parameters": self.parameters}
+
+
+def default_model_path() -> Path:
+    """The model file shipped with the extension (ENSAMSegment/Resources/Models/ensam-default.pt)."""
+    return Path(__file__).parents[1] / "Resources" / "Models" / "ensam-default.pt"
+
+
+def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | None = None,
+               notes: str = "") -> Path:
+    """Write `model` (weights + config + metadata) to `path` atomically; returns the path."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ensam_version": __version__,
+        "training_data": str(training_data),
+        "metrics": dict(metrics or {}),
+        "notes": str(notes),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read(path, mmap: bool) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileNotFoundError(f"model file {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise NotAModelFileError(f"model file {path}: not an ENSAM model file (not a torch.save archive)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:
+        if "pickle" in type(error).__name__.lower() or "weights_only" in str(error):
+            raise NotAModelFileError(f"model file {path}: not an ENSAM model file (it holds Python objects "
+                                     f"other than tensors and plain data)") from error
+        reason = str(error).split(". ")[0]
+        raise CorruptModelFileError(f"model file {path}: damaged or truncated ({reason})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise NotAModelFileError(f"model file {path}: not an ENSAM model file (no format {FORMAT!r} marker; "
+                                 f"it holds a {type(payload).__name__})")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileVersionError(f"model file {path}: format version {version!r}, this ENSAM "
+                                    f"({__version__}) reads version {FORMAT_VERSION}")
+    for key in ("config", "weights"):
+        if not isinstance(payload.get(key), dict):
+            raise NotAModelFileError(f"model file {path}: the {key!r} entry is missing or not a dict")
+    return payload
+
+
+def _info(path, payload: dict) -> ModelInfo:
+    try:
+        config = ENSAMConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as error:
+        raise ArchitectureMismatchError(f"model file {path}: invalid architecture config: {error}") from error
+    weights = payload["weights"]
+    return ModelInfo(
+        path=Path(path), config=config, format_version=payload["format_version"],
+        created=str(payload.get("created", "")), ensam_version=str(payload.get("ensam_version", "")),
+        training_data=str(payload.get("training_data", "")), metrics=dict(payload.get("metrics") or {}),
+        notes=str(payload.get("notes", "")),
+        parameters=sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)))
+
+
+def read_model_info(path) -> ModelInfo:
+    """Metadata and config of a model file, without building the model."""
+    return _info(path, _read(path, mmap=True))
+
+
+def load_model(path, device="cpu") -> tuple[ENSAM, ModelInfo]:
+    """Build the model a file describes and load its weights; returns (model in eval mode, info)."""
+    payload = _read(path, mmap=False)
+    info = _info(path, payload)
+    model = ENSAM(info.config)
+    _check_weights(path, model.state_dict(), payload["weights"])
+    model.load_state_dict(payload["weights"])
+    return model.to(device).eval(), info
+
+
+def _check_weights(path, expected: dict, weights: dict) -> None:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k in weights and (not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape)]
+    problems = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            problems.append(f"{len(items)} {what}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+    if problems:
+        raise ArchitectureMismatchError(f"model file {path}: weights do not match its architecture config "
+                                        f"({'; '.join(problems)})")
+
+
+def create_untrained_model_file(path, seed: int = 0, config: ENSAMConfig | None = None) -> Path:
+    """Write a deterministic randomly initialised model (clearly marked untrained), e.g. so the demo
+    runs before trained weights exist."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ENSAM(config or ENSAMConfig())
+    return save_model(path, model, training_data=UNTRAINED,
+                      notes=f"Random initialisation (seed {seed}); segmentations from it are meaningless.")
