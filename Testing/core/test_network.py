@@ -218,3 +218,19 @@ def test_region_decoding_shape_and_approximation():
     assert 0 < error < 0.2 and correlation > 0.95, (float(error), float(correlation))
     with pytest.raises(ValueError, match="multiples of 8"):
         model.decode(emb, prompts, region=(slice(3, 16), slice(0, 8), slice(0, 8)))
+
+
+def test_cached_rotations_follow_weight_changes():
+    model = small_model()
+    image = torch.rand(1, 1, 16, 24, 32)
+    with torch.no_grad():
+        emb = model.encode(image)
+        first = model.decode(emb, two_objects())  # fills the LieRE caches
+        for module in model.modules():
+            if hasattr(module, "basis_generator"):
+                module.theta.mul_(2)
+                module.basis_generator.normal_(0, 0.1)
+        cached = model.decode(emb, two_objects())
+    fresh = model.decode(emb, two_objects()).detach()  # with gradients enabled nothing is cached
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+    assert (cached - first).abs().max() > 1e-4

@@ -11,6 +11,13 @@ multiplied by a learned per-channel scale s_out (effective init sqrt(C), so entr
 convolutional features). The bottleneck's own magnitudes are not re-added: everything the decoder gets
 from the bottleneck has passed through the prompts' attention; the encoder's magnitudes still reach
 it through the skip connections at 1, 1/2 and 1/4.
+
+Size (the paper: 5.5 M parameters, "368 G FLOPs" at a 4,194,304-voxel patch). The default config,
+init_filters 16 (widths 16/32/64/128), blocks_down (1, 2, 2, 4), bottleneck/token width 128, 4 heads
+of 32, MLP width 512, 2 interaction layers, has 5,576,825 parameters (+1.4 %) and, for one object
+with a box at 128 x 128 x 256 (encode + decode), 346.2 G MACs (-5.9 %) = 692.3 G FLOPs: the paper's
+number is a MAC count. The encoder alone is 188.4 G MACs and 4.40 M parameters; the decoder 156.5 G
+MACs and 0.46 M; the interaction 0.68 M parameters and under 1 G MACs (complexity.py).
 """
 
 from __future__ import annotations

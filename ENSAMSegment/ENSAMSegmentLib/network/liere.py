@@ -50,21 +50,31 @@ class LieRE(nn.Module):
         self._cache: dict = {}
 
     def basis(self) -> torch.Tensor:
+        """Q = exp(W - W^T) [H, d, d], orthogonal; cached while no gradient is recorded."""
         w = self.basis_generator
-        return torch.linalg.matrix_exp(w - w.transpose(-1, -2))  # [H, d, d] orthogonal
+        key = ("basis", w.device, w.data_ptr(), w._version)
+        if not torch.is_grad_enabled() and key in self._cache:
+            return self._cache[key]
+        q = torch.linalg.matrix_exp(w - w.transpose(-1, -2))
+        if not torch.is_grad_enabled():
+            self._remember(key, q)
+        return q
+
+    def _remember(self, key, value) -> None:
+        if len(self._cache) > 8:
+            self._cache.clear()
+        self._cache[key] = value
 
     def angles(self, pos: torch.Tensor, cache_key=None) -> tuple[torch.Tensor, torch.Tensor]:
         """pos [..., L, 3] -> (cos, sin) [..., H, L, d/2]; cached by `cache_key` when no grad is recorded."""
         use_cache = cache_key is not None and not torch.is_grad_enabled()
-        key = (cache_key, pos.device, pos.dtype, self.theta._version)
+        key = (cache_key, pos.device, pos.dtype, self.theta.data_ptr(), self.theta._version)
         if use_cache and key in self._cache:
             return self._cache[key]
         a = torch.einsum("...lc,hcj->...hlj", pos, self.theta.to(pos.dtype))
         result = (a.cos(), a.sin())
         if use_cache:
-            if len(self._cache) > 8:
-                self._cache.clear()
-            self._cache[key] = result
+            self._remember(key, result)
         return result
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, basis: torch.Tensor, cache_key=None) -> torch.Tensor:
