@@ -93,7 +93,7 @@ def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | N
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ensam_version": __version__,
         "training_data": str(training_data),
-        "metrics": dict(metrics or {}),
+        "metrics": _plain(dict(metrics or {}), "metrics"),
         "notes": str(notes),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +108,22 @@ def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | N
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _plain(value, where: str):
+    """Metrics as plain Python data (numpy/torch scalars become numbers), so weights_only can read them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, tensors
+        return value.tolist()
+    for kind in (bool, int, float, str):  # subclasses (np.float64 is a float)
+        if isinstance(value, kind):
+            return kind(value)
+    raise TypeError(f"{where}: cannot store a {type(value).__name__} in a model file (plain data only)")
 
 
 def _read(path, mmap: bool) -> dict:

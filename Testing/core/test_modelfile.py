@@ -135,3 +135,18 @@ def test_failed_save_leaves_the_old_file(tmp_path, model_file, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_model(path, model)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_metrics_are_stored_as_plain_data(tmp_path):
+    import numpy as np
+
+    model = ENSAM(SMALL)
+    metrics = {"dice": np.float64(0.75), "steps": np.int64(12), "curve": np.array([0.1, 0.2]),
+               "loss": torch.tensor(0.5), "per_class": {"liver": np.float32(0.5)}}
+    info = read_model_info(save_model(tmp_path / "m.pt", model, metrics=metrics))
+    assert info.metrics == {"dice": 0.75, "steps": 12, "curve": [0.1, 0.2], "loss": 0.5,
+                            "per_class": {"liver": 0.5}}
+    assert type(info.metrics["dice"]) is float and type(info.metrics["steps"]) is int
+    with pytest.raises(TypeError, match=r"metrics\['bad'\]"):
+        save_model(tmp_path / "bad.pt", model, metrics={"bad": object()})
+    assert not (tmp_path / "bad.pt").exists()
