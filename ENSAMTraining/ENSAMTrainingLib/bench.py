@@ -76,7 +76,7 @@ def run_ablation(
             device=device,
             val_fraction=0.0,
             optimizer=optimizer,
-            model_config={**(model_config or {}), "positional_encoding": encoding},
+            model_config={**(model_config or {}), "position_encoding": encoding},
             seed=seed,
             accumulation=accumulation,
             stop_after=steps,

@@ -79,7 +79,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of data order, crops, augmentation, clicks, initial weights (0)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no intensity augmentation")
     p.add_argument("--model-config", type=_json_arg, help="ENSAMConfig fields of a new model, as JSON or a .json file")
-    p.add_argument("--positional-encoding", choices=("liere", "absolute"), help="positional encoding of a new model")
+    p.add_argument("--position-encoding", choices=("liere", "absolute"), help="positional encoding of a new model")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA")
     p.add_argument("--stop-after", type=_positive_int, help="stop with a checkpoint after this many optimizer steps")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
@@ -96,9 +96,9 @@ def run_train(args) -> int:
     from .trainer import EXIT_INTERRUPTED, RESUME_OVERRIDES, TrainConfig, TrainingError, resume, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
-    if args.positional_encoding:
+    if args.position_encoding:
         model_config = dict(given.pop("model_config", {}) or {})
-        model_config["positional_encoding"] = given.pop("positional_encoding")
+        model_config["position_encoding"] = given.pop("position_encoding")
         given["model_config"] = model_config
     progress = ProgressStream(args.progress_json if _rank() == 0 else None)
     try:

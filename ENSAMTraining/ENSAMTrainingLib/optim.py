@@ -8,18 +8,28 @@ kernel [C_out, C_in, k, k, k] is treated as the matrix [C_out, C_in*k^3].
 ``torch.optim.Muon`` refuses any parameter that is not 2-D, and handing it flattened views
 means keeping a second set of leaf tensors (and their state) in step with the real
 parameters. So this module has its own ``Muon``: the same arithmetic as
-``torch.optim.Muon`` (same Newton-Schulz iteration in bf16, same momentum, same lr
-adjustment), applied to ``grad.view(rows, -1)`` and written back in the parameter's shape.
-Testing/training/test_optim.py checks the updates equal torch.optim.Muon on 2-D weights.
+``torch.optim.Muon`` (same Newton-Schulz iteration, same momentum, same lr adjustment),
+applied to ``grad.view(rows, -1)`` and written back in the parameter's shape.
+Testing/training/test_optim.py checks the updates equal torch.optim.Muon on 2-D weights
+(bit for bit with ``ns_dtype=torch.bfloat16``). The Newton-Schulz iteration runs in bf16 on
+CUDA, as the reference does, and in float32 elsewhere: CPUs have no fast bf16 matmul
+(float32 is about 10x faster there, and more accurate).
 
 Parameter grouping (``split_parameters``):
 - Muon: every parameter with ndim >= 2 of the convolutions and linear layers;
-- AdamW: every 1-D parameter (norm affines, biases, nGPT eigen learning rates alpha and
-  scales s_qk) and the embedding-like tensors named by ``ADAMW_NAME_PATTERNS`` even when 2-D:
-  prompt token embeddings (one row per token type, renormalised to unit length after each
-  step, so orthogonalising the "matrix" of unrelated token rows has no meaning) and the
-  positional encoding parameters (LieRE generators, absolute position tables). Muon's
-  author uses Adam for embeddings for the same reason.
+- AdamW: every 1-D parameter (GroupNorm affines, biases, the nGPT eigen learning rates
+  alpha and scales s_qk, s_u, s_out), every nn.Embedding, and the parameters matched by
+  ``ADAMW_NAME_PATTERNS`` even when 2-D or more:
+  * the prompt-token embeddings (``prompt_encoder.embedding``, [5, C]: one unit row per token
+    type; orthogonalising that "matrix" of unrelated rows has no meaning, and Muon's author
+    keeps embeddings on Adam);
+  * the positional encoding: LieRE's per-head angles ``liere.theta`` [heads, 3, d/2] and
+    basis generators ``liere.basis_generator`` [heads, d, d] (parameters of rotations, not
+    maps between feature spaces), and the ablation's absolute-position projection
+    (``absolute.proj``), an embedding of coordinates.
+  Everything else of 2 or more dimensions (conv kernels, the q/k/v/out and MLP matrices of
+  the interaction, the prev-logit convolutions, the first and last convolutions) is Muon's,
+  as the paper says.
 
 Schedule: the learning rate of both optimisers is halved at epochs 2, 5 and 10
 (``lr_at_epoch``), computed from the epoch number so that resuming restores it exactly.
@@ -36,18 +46,20 @@ from torch import Tensor, nn
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # Parameter names (regular expressions, searched) that AdamW takes even when 2-D or more.
-ADAMW_NAME_PATTERNS = (r"embed", r"token", r"lie", r"generator", r"pos", r"angle")
+ADAMW_NAME_PATTERNS = (r"embed", r"(^|\.)liere\.", r"(^|\.)absolute\.")
 LR_MILESTONES = (2, 5, 10)
 
 
-def zeropower_via_newtonschulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+def zeropower_via_newtonschulz(
+    g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """Approximate U V^T of g = U S V^T (g: [rows, cols]) by the quintic Newton-Schulz iteration.
 
-    Identical arithmetic to torch.optim.Muon (and KellerJordan/Muon): bf16, transposed when
-    rows > cols, normalised by the Frobenius norm first.
+    Identical arithmetic to torch.optim.Muon (and KellerJordan/Muon) when dtype is bf16:
+    transposed when rows > cols, normalised by the Frobenius norm first.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(0) > g.size(1)
     if tall:
         x = x.T
@@ -64,7 +76,8 @@ class Muon(torch.optim.Optimizer):
 
     The update of a 2-D parameter equals torch.optim.Muon with the same arguments.
     ``weight_decay`` is decoupled (p *= 1 - lr*wd); ENSAM uses 0, as nGPT renormalises the
-    weights after every step.
+    weights after every step. ``ns_dtype``: dtype of the Newton-Schulz iteration; None = bf16
+    for CUDA parameters, float32 for others.
     """
 
     def __init__(
@@ -76,10 +89,12 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         weight_decay: float = 0.0,
         eps: float = 1e-7,
+        ns_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay, eps=eps
         )
+        self.ns_dtype = ns_dtype
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -103,7 +118,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - group["momentum"])
                 update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz(update, group["ns_steps"], group["eps"])
+                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
+                update = zeropower_via_newtonschulz(update, group["ns_steps"], group["eps"], dtype)
                 rows, cols = grad.shape
                 scaled_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
                 p.mul_(1 - group["lr"] * group["weight_decay"])

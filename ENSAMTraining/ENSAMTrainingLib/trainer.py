@@ -188,11 +188,11 @@ def build_model(config: TrainConfig, device: torch.device, model_config: dict | 
     from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
 
     if model_config is None and config.init_model:
-        from ENSAMSegmentLib.modelfile import load_model
+        from ENSAMSegmentLib.modelfile import ModelFileError, load_model
 
         try:
             model, _info = load_model(config.init_model, device)
-        except Exception as error:  # the model file's own errors, shown as one line
+        except ModelFileError as error:
             raise TrainingError(f"cannot load --init-model {config.init_model}: {error}") from None
         return model.to(device)
     values = model_config if model_config is not None else (config.model_config or {})

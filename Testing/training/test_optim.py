@@ -24,7 +24,7 @@ def run_steps(optimizer_cls, shape, steps=4, **kwargs):
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_equals_torch_muon_on_2d_weights(shape, nesterov):
     kwargs = dict(lr=0.02, momentum=0.95, nesterov=nesterov, ns_steps=5, weight_decay=0.1)
-    ours = run_steps(Muon, shape, **kwargs)
+    ours = run_steps(Muon, shape, ns_dtype=torch.bfloat16, **kwargs)
     reference = run_steps(torch.optim.Muon, shape, **kwargs)
     start = run_steps(Muon, shape, steps=0)
     assert not torch.equal(ours, start)  # it moved
@@ -32,10 +32,20 @@ def test_muon_equals_torch_muon_on_2d_weights(shape, nesterov):
 
 
 def test_muon_on_conv_kernel_equals_muon_on_flattened_matrix():
-    kernel = run_steps(Muon, (8, 4, 3, 3, 3), lr=0.05)
+    kernel = run_steps(Muon, (8, 4, 3, 3, 3), lr=0.05, ns_dtype=torch.bfloat16)
     matrix = run_steps(torch.optim.Muon, (8, 4 * 27), lr=0.05, weight_decay=0.0)
     # same seed, same numbers: the kernel's rows are the matrix's rows
     torch.testing.assert_close(kernel.view(8, -1), matrix, rtol=0, atol=0)
+
+
+def test_float32_newton_schulz_is_close_to_bf16():
+    bf16 = run_steps(Muon, (24, 40), lr=0.02, ns_dtype=torch.bfloat16)
+    fp32 = run_steps(Muon, (24, 40), lr=0.02)  # the CPU default
+    reference = run_steps(torch.optim.Muon, (24, 40), lr=0.02, weight_decay=0.0)
+    start = run_steps(Muon, (24, 40), steps=0)
+    torch.testing.assert_close(bf16, reference, rtol=0, atol=0)
+    # the two precisions differ by far less than the update itself
+    assert (fp32 - bf16).norm() < 0.05 * (bf16 - start).norm()
 
 
 def test_muon_update_is_orthogonal():
@@ -85,3 +95,21 @@ def test_make_optimizers_and_schedule():
     set_epoch_lr([muon, adamw], 5)
     assert muon.param_groups[0]["lr"] == pytest.approx(0.005)
     assert adamw.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_split_of_the_real_network():
+    from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+
+    for encoding in ("liere", "absolute"):
+        model = ENSAM(ENSAMConfig(init_filters=8, position_encoding=encoding))
+        muon, adamw = (dict(group) for group in split_parameters(model))
+        assert all(p.ndim >= 2 for p in muon.values())
+        # interaction matrices (also token_to_image / image_to_token) and every conv kernel: Muon
+        assert "interaction.layers.0.token_to_image.q.weight" in muon
+        assert "interaction.layers.0.image_to_token.out.weight" in muon
+        assert sum(name.startswith(("encoder.", "decoder.")) for name in muon) > 10
+        # token embeddings and position-encoding parameters: AdamW, whatever their ndim
+        assert "prompt_encoder.embedding.weight" in adamw
+        positional = [n for n, p in adamw.items() if p.ndim >= 2 and "embedding" not in n]
+        assert positional and all((".liere." if encoding == "liere" else ".absolute.") in n for n in positional)
+        assert len(muon) + len(adamw) == len(list(model.parameters()))
