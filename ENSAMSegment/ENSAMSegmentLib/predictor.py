@@ -36,6 +36,10 @@ class CaseError(ValueError):
     """A case whose prompts cannot be used (inconsistent lists, a point outside the image, ...)."""
 
 
+class MethodError(RuntimeError):
+    """A method that cannot be set up (unknown name, model file unusable, slicer-core missing)."""
+
+
 # ----------------------------------------------------------------------------- prompts of a case
 
 
@@ -97,6 +101,8 @@ def case_prompts(case: ChallengeCase) -> CasePrompts:
     n_rounds = max((len(s) for s in sequences), default=0)
     rounds = [[s[r] if r < len(s) else None for s in sequences] for r in range(n_rounds)]
     n_objects = len(boxes) if boxes is not None else len(sequences)
+    if n_objects > 255:
+        raise CaseError(f"{case.name}: {n_objects} classes do not fit the uint8 'segs' of the challenge")
     return CasePrompts(n_objects=n_objects, boxes=boxes, rounds=rounds)
 
 
@@ -128,6 +134,9 @@ class Method:
 
     def end(self) -> None:
         """Release the case's state (the model, if any, stays loaded)."""
+
+    def close(self) -> None:
+        """Release the method itself (model, worker thread) when no more cases come."""
 
     def describe(self) -> dict:
         """JSON-ready facts about the method (model file, device, ...)."""
@@ -166,6 +175,10 @@ class GrowCutMethod(Method):
     name = "growcut"
 
     def __init__(self, seed_locality: float = 0.0):
+        import importlib.util
+
+        if importlib.util.find_spec("slicer") is None:
+            raise MethodError("the growcut baseline needs slicer-core (pip install 'slicer-core>=5.11,<5.12')")
         self.seed_locality = seed_locality
 
     def begin(self, imgs, spacing_zyx, n_objects):
@@ -207,19 +220,28 @@ class EnsamMethod(Method):
     """ENSAM through an InferenceSession: one encoder pass per case, one object per class, merged labels.
 
     The model is loaded once (here) and serves every case; `begin` sets the case's image (the encoder
-    pass) and makes one object per class; each step adds that step's prompts to their objects.
+    pass; uint8 images are used as they are) and makes one object per class; each step adds that
+    step's prompts to their objects (a click feeds the object's previous logits back) and returns the
+    session's merge (highest logit above 0; an object left empty is boosted inside its box).
     """
 
     name = "ensam"
 
     def __init__(self, checkpoint=None, device: str = "auto"):
-        from .session import InferenceSession
+        from .session import InferenceSession, SessionError
 
-        self.session = InferenceSession(model_path=checkpoint, device=device)
+        try:
+            self.session = InferenceSession(model_path=checkpoint, device=device)
+        except SessionError as error:
+            raise MethodError(str(error)) from None
 
     def begin(self, imgs, spacing_zyx, n_objects):
-        self.session.set_image(np.asarray(imgs), spacing_zyx=tuple(spacing_zyx), modality="auto")
+        self.session.set_image(np.asarray(imgs), spacing_zyx=tuple(spacing_zyx))
+        for object_id in self.session.object_ids:  # the same image as the last case keeps its objects
+            self.session.remove_object(object_id)
         self.objects = [self.session.create_object() for _ in range(n_objects)]
+        self.to_class = np.zeros(max(self.objects, default=0) + 1, dtype=np.uint8)  # object id -> label
+        self.to_class[self.objects] = np.arange(1, n_objects + 1)
 
     def box_step(self, boxes):
         for object_id, (lo, hi) in zip(self.objects, boxes):
@@ -233,12 +255,19 @@ class EnsamMethod(Method):
         return self._labels()
 
     def _labels(self) -> np.ndarray:
-        return np.asarray(self.session.merged_labels()).astype(np.uint8)
+        return self.to_class[self.session.merged_labels()]
+
+    def end(self):
+        for object_id in self.session.object_ids:
+            self.session.remove_object(object_id)
+
+    def close(self):
+        self.session.close()
 
     def describe(self):
         info = self.session.model_info
-        return {"method": self.name, "model": str(info.path), "training_data": info.training_data,
-                "untrained": info.is_untrained, "device": self.session.device_name}
+        return {"method": self.name, "device": self.session.device_name,
+                **({"model": info.metadata()} if info is not None else {})}
 
 
 def make_method(name: str, checkpoint=None, device: str = "auto") -> Method:
@@ -249,7 +278,7 @@ def make_method(name: str, checkpoint=None, device: str = "auto") -> Method:
         return GrowCutMethod()
     if name == "box":
         return BoxMethod()
-    raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    raise MethodError(f"unknown method {name!r}; choose from {list(METHODS)}")
 
 
 # ----------------------------------------------------------------------------- one case file

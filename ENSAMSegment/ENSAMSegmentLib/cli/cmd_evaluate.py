@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ENSAMSegmentLib.evaluation import MethodStepper, evaluate, list_cases
-    from ENSAMSegmentLib.predictor import make_method
+    from ENSAMSegmentLib.predictor import MethodError, make_method
     from ENSAMSegmentLib.reports import build_summary, plot_steps, write_steps_csv, write_summary_json
 
     if not args.data.is_dir():
@@ -52,13 +52,17 @@ def run(args) -> int:
         started = time.perf_counter()
         try:
             method = make_method(name, args.checkpoint, args.device)
-        except (OSError, ValueError, RuntimeError) as error:
+        except MethodError as error:
             raise UserError(f"cannot set up the {name} method: {error}") from None
         infos[name] = {**method.describe(), "setup_seconds": round(time.perf_counter() - started, 3)}
         steppers.append(MethodStepper(method))
 
-    runs, skipped = evaluate(paths, steppers, args.time_limit_per_class,
-                             log=lambda line: print(f"ensam evaluate: {line}", flush=True))
+    try:
+        runs, skipped = evaluate(paths, steppers, args.time_limit_per_class,
+                                 log=lambda line: print(f"ensam evaluate: {line}", flush=True))
+    finally:
+        for stepper in steppers:
+            stepper.method.close()
     protocol = {"time_limit_per_class_s": args.time_limit_per_class, "data": str(args.data),
                 "cases_listed": len(paths),
                 "timing": "seconds per step are the method's own calls; model loading (setup_seconds) is once per run"}

@@ -30,23 +30,23 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.predictor import make_method, predict_folder
+    from ENSAMSegmentLib.predictor import MethodError, make_method, predict_folder
 
     if not args.input.is_dir():
         raise UserError(f"--input {args.input} is not a folder")
     if not any(args.input.glob("*.npz")):
         raise UserError(f"--input {args.input} holds no .npz case files")
     args.output.mkdir(parents=True, exist_ok=True)
-    method = _method(make_method, args)
-    failures = predict_folder(args.input, args.output, method,
-                              log=lambda line: print(f"ensam predict: {line}", flush=True))
+    try:
+        method = make_method(args.method, args.checkpoint, args.device)
+    except MethodError as error:
+        raise UserError(f"cannot set up the {args.method} predictor: {error}") from None
+    try:
+        failures = predict_folder(args.input, args.output, method,
+                                  log=lambda line: print(f"ensam predict: {line}", flush=True))
+    finally:
+        method.close()
     for failure in failures:
         print(f"ensam predict: no output for {failure['case']}: {failure['reason']}", file=sys.stderr)
     return 1 if failures else 0
 
-
-def _method(make_method, args):
-    try:
-        return make_method(args.method, args.checkpoint, args.device)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"cannot set up the {args.method} predictor: {error}") from None
