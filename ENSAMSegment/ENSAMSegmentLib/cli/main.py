@@ -14,6 +14,8 @@ import sys
 
 # Order is the order shown by `ensam --help`.
 COMMAND_MODULES = [
+    "ENSAMSegmentLib.cli.cmd_demo",
+    "ENSAMSegmentLib.cli.cmd_segment",
     "ENSAMSegmentLib.cli.cmd_info",
     "ENSAMSegmentLib.cli.cmd_predict",
     "ENSAMSegmentLib.cli.cmd_evaluate",
@@ -65,4 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so that commands raise the same UserError class.
+    from ENSAMSegmentLib.cli.main import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,123 @@
+"""`ensam segment` round trips on real files with oblique, anisotropic, LPS geometry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ENSAMSegmentLib.cli.main import main
+from ENSAMSegmentLib.geometry import VolumeGeometry, rotation_matrix
+from ENSAMSegmentLib.imageio import read_image
+from ENSAMSegmentLib.modelfile import create_untrained_model_file
+from ENSAMSegmentLib.network import ENSAMConfig
+from ENSAMSegmentLib.phantom import make_phantom
+
+SMALL = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), mlp_hidden=64)
+SHAPE = (24, 40, 32)  # z, y, x: deliberately not multiples of 8
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return create_untrained_model_file(tmp_path_factory.mktemp("model") / "small.pt", seed=0, config=SMALL)
+
+
+@pytest.fixture(scope="module")
+def geometry():
+    """Oblique (rotated about two axes), anisotropic, with a non-trivial LPS origin."""
+    direction = rotation_matrix((0, 0, 1), 25.0) @ rotation_matrix((1, 0.2, 0), -12.0)
+    return VolumeGeometry.from_lps((0.8, 1.1, 2.5), (-40.0, 17.0, 95.5), direction, SHAPE)
+
+
+@pytest.fixture(scope="module", params=[".nii.gz", ".nrrd"])
+def image_file(request, tmp_path_factory, geometry):
+    image, _ = make_phantom(SHAPE, seed=3, spacing=geometry.spacing_zyx, n_objects=2)
+    itk = sitk.GetImageFromArray(image.astype(np.int16))
+    geometry.apply_to_sitk(itk)
+    path = tmp_path_factory.mktemp("img") / f"ct{request.param}"
+    sitk.WriteImage(itk, str(path))
+    return path
+
+
+def run_json(args, capsys) -> dict:
+    assert main(args + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_voxel_prompts_round_trip(image_file, model_file, tmp_path, capsys, geometry):
+    out = tmp_path / "seg.nrrd"
+    report = run_json([
+        "segment", str(image_file), "--box", "4,6,5,18,30,25", "--fg", "10,20,14", "--bg", "5,7,6", "--fg", "12,18,15",
+        "-o", str(out), "--checkpoint", str(model_file), "--device", "cpu", "--seg-nrrd", str(tmp_path / "s.seg.nrrd"),
+    ], capsys)
+    # prompts in command-line order, as voxel indices z,y,x
+    assert [p["prompt"] for p in report["prompts_ijk"]] == ["box", "fg", "bg", "fg"]
+    assert report["prompts_ijk"][0]["ijk_min"] == [4, 6, 5] and report["prompts_ijk"][0]["ijk_max"] == [18, 30, 25]
+    assert report["prompts_ijk"][2]["ijk"] == [5, 7, 6]
+    assert len(report["timing_s"]["steps"]) == 4 and all(t > 0 for t in report["timing_s"]["steps"])
+    assert report["model"]["untrained"] is True
+    labels, out_geometry = read_image(out)
+    assert labels.shape == SHAPE and set(np.unique(labels)) <= {0, 1}
+    assert out_geometry.allclose(geometry, atol=1e-5)  # the labelmap lies in the input's geometry
+    assert int(labels.sum()) == report["foreground_voxels"]
+    assert (tmp_path / "s.seg.nrrd").is_file()
+
+
+def test_ras_click_resolves_to_the_voxel_it_names(image_file, model_file, tmp_path, capsys, geometry):
+    file_geometry = read_image(image_file)[1]
+    voxel = np.array([11, 23, 17])
+    # a point 0.3 voxel off the centre still names that voxel
+    ras = file_geometry.kji_to_ras(voxel + np.array([0.3, -0.3, 0.2]))
+    box_lo = file_geometry.kji_to_ras(np.array([3, 5, 4]))
+    box_hi = file_geometry.kji_to_ras(np.array([20, 33, 27]))
+    report = run_json([
+        "segment", str(image_file), "--ras", "--fg", ",".join(f"{v:.6f}" for v in ras),
+        "-o", str(tmp_path / "seg.nii.gz"), "--checkpoint", str(model_file), "--device", "cpu",
+    ], capsys)
+    assert report["prompts_ijk"] == [{"prompt": "fg", "ijk": voxel.tolist()}]
+    # an RAS box (axis-aligned in RAS) covers at least the voxels whose corners it was built from
+    report = run_json([
+        "segment", str(image_file), "--ras", "--box", ",".join(f"{v:.6f}" for v in (*box_lo, *box_hi)),
+        "-o", str(tmp_path / "seg2.nii.gz"), "--checkpoint", str(model_file), "--device", "cpu",
+    ], capsys)
+    lo, hi = np.array(report["prompts_ijk"][0]["ijk_min"]), np.array(report["prompts_ijk"][0]["ijk_max"])
+    assert np.all(lo <= [3, 5, 4]) and np.all(hi >= [20, 33, 27])
+    assert np.all(lo >= 0) and np.all(hi <= np.array(SHAPE) - 1)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["--fg", "99,1,1"], "outside the image"),
+    (["--fg", "1.5,2,3"], "integers"),
+    ([], "give a --box"),
+])
+def test_bad_prompts_give_a_clear_error(image_file, model_file, tmp_path, capsys, prompt, message):
+    out = tmp_path / "never.nii.gz"
+    code = main(["segment", str(image_file), *prompt, "-o", str(out), "--checkpoint", str(model_file)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_image_and_bad_model_file(tmp_path, model_file, capsys):
+    assert main(["segment", str(tmp_path / "none.nrrd"), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd")]) == 2
+    assert "none.nrrd" in capsys.readouterr().err
+    image = tmp_path / "img.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16, 16), np.int16)), str(image))
+    broken = tmp_path / "broken.pt"
+    broken.write_text("not a model")
+    assert main(["segment", str(image), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd"), "--checkpoint", str(broken)]) == 2
+    assert "broken.pt" in capsys.readouterr().err
+
+
+def test_challenge_npz_input_writes_segs(tmp_path, model_file, capsys):
+    from ENSAMSegmentLib.phantom import write_challenge_dataset
+
+    case = write_challenge_dataset(tmp_path / "data", 1, shape=(24, 32, 32), seed=1)[0]
+    out = tmp_path / "out.npz"
+    report = run_json(["segment", str(case), "--box", "2,3,3,20,28,28", "-o", str(out),
+                       "--checkpoint", str(model_file)], capsys)
+    segs = np.load(out)["segs"]
+    assert segs.dtype == np.uint8 and segs.shape == (24, 32, 32)
+    assert int((segs > 0).sum()) == report["foreground_voxels"]
