@@ -27,7 +27,8 @@ Before every change the writer calls ``before_change()`` (the Segment Editor eff
 ``scriptedEffect.saveStateForUndo``) and pushes an undo record: the region and, for every
 segment of the segmentation, its membership inside the region (bit-packed). `undo` restores all
 of them exactly (segment content; the layer layout may differ), bypassing masking. Segments
-removed since are skipped. ``max_undo`` levels are kept.
+removed since are skipped; edits made by others inside the region after the write are undone
+with it (the region returns to its recorded state). ``max_undo`` levels are kept.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def normalize_region(region, shape) -> Region:
     """(z, y, x) slices with step 1 inside ``shape``; None = the whole volume. Empty: error."""
     if region is None:
         return tuple(slice(0, s) for s in shape)
-    if len(region) != 3 or not all(isinstance(r, slice) for r in region):
+    if (
+        not isinstance(region, (tuple, list))
+        or len(region) != 3
+        or not all(isinstance(r, slice) for r in region)
+    ):
         raise SegmentWriteError(f"region must be 3 slices (z, y, x), got {region!r}")
     out = []
     for r, s in zip(region, shape):
@@ -121,6 +126,8 @@ class SegmentWriter:
     ):
         import slicer
 
+        if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+            raise MRMLError("writing segments needs Slicer 5.10 or later (vtkSlicerSegmentEditorLogic)")
         if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
             raise MRMLError("need a segmentation node")
         self.segmentation_node = segmentation_node
@@ -143,7 +150,11 @@ class SegmentWriter:
         self._logic = slicer.vtkSlicerSegmentEditorLogic()
         self._logic.SetMRMLScene(scene)
         self._logic.SetSegmentEditorNode(self._private)
-        self._prepare_segmentation()
+        try:
+            self._prepare_segmentation()
+        except Exception:
+            self.close()  # leave the scene as it was
+            raise
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -374,6 +385,7 @@ class SegmentWriter:
 
         if not self._undo:
             return False
+        self._check_not_moved()
         if self.before_change is not None:
             self.before_change()
         record = self._undo.pop()

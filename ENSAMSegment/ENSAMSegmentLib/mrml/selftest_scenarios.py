@@ -406,6 +406,17 @@ def shared_layers(scene) -> None:
 
 def masking_modes(scene) -> None:
     """Editable area and intensity range of the Segment Editor restrict the write exactly."""
+    import slicer
+
+    names = ("Everywhere", "InsideAllSegments", "InsideVisibleSegments", "OutsideAllSegments",
+             "OutsideVisibleSegments", "InsideSingleSegment")  # fmt: skip
+    slicer_modes = [getattr(slicer.vtkMRMLSegmentationNode, "EditAllowed" + n) for n in names]
+    expect(list(segments.MASK_MODES.values()) == slicer_modes, "MASK_MODES differ from Slicer's")
+    E = slicer.vtkMRMLSegmentEditorNode
+    slicer_overwrite = [E.OverwriteAllSegments, E.OverwriteVisibleSegments, E.OverwriteNone]
+    expect(
+        list(segments.OVERWRITE_MODES.values()) == slicer_overwrite, "OVERWRITE_MODES differ from Slicer's"
+    )
     editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
     editor.SetOverwriteMode(segments.OVERWRITE_MODES["none"])
     array, volume = _volume(scene, geometries()["oblique"])
@@ -447,31 +458,38 @@ def masking_modes(scene) -> None:
 
 
 def undo_restores_exactly(scene) -> None:
-    """Several undo levels restore every segment exactly, overwritten ones included; hooks run first."""
-    calls = []
-    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editor.SetOverwriteMode(segments.OVERWRITE_MODES["all"])
-    node, writer, other, ensam, blob = _two_segments(scene, editor, before_change=lambda: calls.append(1))
+    """Several undo levels restore every segment exactly, overwritten ones included, in every
+    overwrite mode; ``before_change`` runs before each write and each undo."""
     rng = np.random.default_rng(4)
-    history = [(writer.read(other), writer.read(ensam))]
-    for _ in range(4):
-        lo = rng.integers(0, np.asarray(SHAPE) - 1)
-        region = tuple(slice(a, b) for a, b in zip(lo, lo + rng.integers(1, np.asarray(SHAPE) - lo + 1)))
-        writer.write(ensam, rng.random(SHAPE) > 0.4, region)
-        history.append((writer.read(other), writer.read(ensam)))
-    expect(len(calls) == 5, f"before_change called {len(calls)} times for 5 writes")
-    expect(not np.array_equal(history[0][0], history[-1][0]), "test writes never overwrote the other segment")
-    for step in range(4, 0, -1):
-        expect(writer.undo(), "undo refused")
-        o, e = history[step - 1]
-        expect(np.array_equal(writer.read(other), o), f"undo to step {step - 1}: other segment differs")
-        expect(np.array_equal(writer.read(ensam), e), f"undo to step {step - 1}: ENSAM segment differs")
-        expect(
-            np.array_equal(_export(scene, node, other, writer.volume_node), o), "export differs after undo"
+    for mode in ("all", "visible", "none"):
+        calls = []
+        editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.SetOverwriteMode(segments.OVERWRITE_MODES[mode])
+        node, writer, other, ensam, _ = _two_segments(
+            scene, editor, before_change=lambda c=calls: c.append(1)
         )
-    expect(len(calls) == 9, "before_change not called before each undo")
-    writer.undo()
-    expect(not writer.read(other).any() and writer.undo_depth == 0 and not writer.undo(), "undo stack end")
+        ids = (other, ensam)
+        history = [[writer.read(sid) for sid in ids]]
+        for step in range(6):
+            lo = rng.integers(0, np.asarray(SHAPE) - 1)
+            region = tuple(slice(a, b) for a, b in zip(lo, lo + rng.integers(1, np.asarray(SHAPE) - lo + 1)))
+            writer.write(ids[step % 2 == 0], rng.random(SHAPE) > 0.4, region)
+            history.append([writer.read(sid) for sid in ids])
+        expect(len(calls) == 7, f"{mode}: before_change called {len(calls)} times for 7 writes")
+        for step in range(6, 0, -1):
+            expect(writer.undo(), "undo refused")
+            for sid, expected in zip(ids, history[step - 1]):
+                expect(
+                    np.array_equal(writer.read(sid), expected),
+                    f"{mode}: undo to step {step - 1}: {sid} differs",
+                )
+                exported = _export(scene, node, sid, writer.volume_node)
+                expect(np.array_equal(exported, expected), f"{mode}: export differs after undo")
+        expect(len(calls) == 13, f"{mode}: before_change not called before each undo")
+        writer.undo()
+        expect(
+            not writer.read(other).any() and writer.undo_depth == 0 and not writer.undo(), "undo stack end"
+        )
     small = segments.SegmentWriter(node, writer.volume_node, max_undo=2)
     for _ in range(4):
         small.write(ensam, rng.random(SHAPE) > 0.5)
@@ -484,7 +502,11 @@ def segmentation_on_another_grid(scene) -> None:
     _, other_volume = _volume(scene, geometries()["oblique"], name="other")
     node, writer = _segmentation(scene, other_volume)
     writer.write(writer.add_segment("made on another volume"), np.ones(SHAPE, bool))
+    editors = scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode")
     expect_raises(segments.SegmentWriteError, segments.SegmentWriter, node, volume)
+    expect(
+        scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == editors, "a refused writer left a node"
+    )
 
 
 def editor_node_untouched(scene) -> None:
