@@ -175,10 +175,10 @@ class GrowCutMethod(Method):
     name = "growcut"
 
     def __init__(self, seed_locality: float = 0.0):
-        import importlib.util
-
-        if importlib.util.find_spec("slicer") is None:
-            raise MethodError("the growcut baseline needs slicer-core (pip install 'slicer-core>=5.11,<5.12')")
+        try:
+            import slicer  # noqa: F401 - imported here, so that its import time is not counted in a step
+        except ImportError:
+            raise MethodError("the growcut baseline needs slicer-core (pip install 'slicer-core>=5.11,<5.12')") from None
         self.seed_locality = seed_locality
 
     def begin(self, imgs, spacing_zyx, n_objects):

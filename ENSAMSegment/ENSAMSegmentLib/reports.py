@@ -98,8 +98,10 @@ def plot_steps(path, summary: dict, title: str = "") -> Path:
             continue
         x = np.arange(1, len(steps["DSC"]) + 1)
         mean = entry["mean"]
+        untrained = " [untrained model]" if entry.get("info", {}).get("model", {}).get("untrained") else ""
         for ax, key in zip(axes, ("DSC", "NSD")):
-            ax.plot(x, steps[key], marker="o", label=f"{name} (AUC {mean[key + '_AUC']:.2f}, n={entry['n_cases']})")
+            ax.plot(x, steps[key], marker="o",
+                    label=f"{name}{untrained} (AUC {mean[key + '_AUC']:.2f}, n={entry['n_cases']})")
     for ax, key in zip(axes, ("DSC", "NSD")):
         ax.set_xticks(range(1, 7), ["1\nbox", "2", "3", "4", "5", "6"])
         ax.set_xlabel("interaction step (clicks after the box)")

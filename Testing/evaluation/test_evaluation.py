@@ -128,6 +128,24 @@ def test_without_boxes_step_1_scores_0_and_clicks_start_from_an_empty_prediction
     assert run.dsc[1] > 0  # the cubes around the first clicks overlap the structures
 
 
+def test_labels_other_than_1_to_n_are_scored_as_the_challenge_would_and_noted(dataset, tmp_path):
+    case = read_challenge_npz(dataset / "CT_Phantom_0000.npz")
+    case.gts = np.where(case.gts == 2, 5, case.gts).astype(np.uint8)  # classes 1 and 5
+    write_challenge_npz(tmp_path / "gap.npz", case)
+    ec = load_eval_case(tmp_path / "gap.npz")
+    assert ec.class_ids == [1, 5] and any("not 1..2" in note for note in ec.notes)
+    run = run_protocol(ec, MethodStepper(BoxMethod()))
+    # the box method writes label 2 for the second class, which the ground truth calls 5: Dice 0 there
+    first = dice(ec.gts == 1, run_labels_of_box(ec) == 1)
+    assert run.dsc[0] == pytest.approx((first + 0.0) / 2)
+
+
+def run_labels_of_box(ec):
+    method = BoxMethod()
+    method.begin(ec.case.imgs, ec.spacing_zyx, len(ec.class_ids))
+    return method.box_step([box_dict_to_3d(b) for b in ec.case.boxes])
+
+
 def test_over_the_time_limit_a_case_scores_0_and_keeps_its_measured_scores(dataset):
     ec = load_eval_case(dataset / "CT_Phantom_0000.npz")
     run = run_protocol(ec, MethodStepper(BoxMethod()), time_limit_per_class=0.0)

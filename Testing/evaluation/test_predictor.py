@@ -178,3 +178,19 @@ def test_predict_folder_writes_segs_and_goes_on_after_a_bad_case(tmp_path):
         assert set(np.unique(npz["segs"])) == {0, 1} and (npz["segs"][gt == 1] == 1).all()
     assert any("good.npz: 1 step(s)" in line for line in lines)
     assert read_challenge_npz(inputs / "good.npz").boxes  # inputs are left as they were
+
+
+def test_predict_command_exits_1_when_a_case_failed_and_2_on_a_bad_folder(tmp_path, capsys):
+    from ENSAMSegmentLib.cli.main import main
+
+    imgs, gt = _sphere_case()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_challenge_npz(inputs / "good.npz", ChallengeCase(imgs=imgs, spacing=np.ones(3), boxes=challenge_boxes(gt)))
+    (inputs / "broken.npz").write_bytes(b"")
+    assert main(["predict", "--method", "box", "--input", str(inputs), "--output", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "no output for broken.npz" in captured.err and "good.npz: 1 step(s)" in captured.out
+    assert (tmp_path / "out" / "good.npz").is_file()
+    assert main(["predict", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -74,6 +74,8 @@ def run(args) -> int:
         mean = entry["mean"]
         if entry["n_cases"]:
             print(f"{name:8s} n={entry['n_cases']}  " + "  ".join(f"{k} {mean[k]:.3f}" for k in mean))
+    if infos.get("ensam", {}).get("model", {}).get("untrained"):
+        print("NOTE: the ENSAM model file is UNTRAINED (random weights): its scores are not meaningful.")
     for item in skipped:
         print(f"skipped {item['case']}: {item['reason']}")
     for path in outputs:
