@@ -95,28 +95,37 @@ def clicks_from_nodes(foreground_node, background_node, geometry: VolumeGeometry
 # ------------------------------------------------------------------------------- box
 
 
-def add_roi(scene, center_ras, size, rotation=None, name: str = "ENSAM box", transform=None):
-    """A new ROI node: centre (RAS, node coordinates), size along its own axes (mm), optional 3x3
-    rotation (columns = the ROI's axes in node RAS), optionally under a transform node."""
+def add_roi(scene, center_ras, size, rotation=None, name: str = "ENSAM box", transform=None, world=False):
+    """A new ROI node placed by `set_roi`, optionally under a transform node."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
     node.CreateDefaultDisplayNodes()
     if transform is not None:
         node.SetAndObserveTransformNodeID(transform.GetID())
-    set_roi(node, center_ras, size, rotation)
+    set_roi(node, center_ras, size, rotation, world=world)
     return node
 
 
-def set_roi(node, center_ras, size, rotation=None) -> None:
-    """Place an ROI node: centre (node RAS), size (mm, along the ROI axes), 3x3 rotation or None."""
-    from .volumes import numpy_to_matrix
+def set_roi(node, center_ras, size, rotation=None, world: bool = False) -> None:
+    """Place an ROI node: centre (RAS), size (mm, along the ROI's axes), 3x3 rotation (columns = the
+    ROI's axes) or None. Given in the node's coordinates, or with ``world=True`` in world RAS (the
+    node's parent transforms are undone; they must be linear and keep right angles)."""
+    from .volumes import node_to_world, numpy_to_matrix
 
+    center = np.asarray(center_ras, dtype=np.float64).reshape(3)
+    size = np.asarray(size, dtype=np.float64).reshape(3)
+    axes = np.eye(3) if rotation is None else np.asarray(rotation, dtype=np.float64).reshape(3, 3)
+    if world:
+        to_node = np.linalg.inv(node_to_world(node))
+        center = to_node[:3, :3] @ center + to_node[:3, 3]
+        axes = to_node[:3, :3] @ axes
+        scale = np.linalg.norm(axes, axis=0)  # a scaling transform changes the size in node units
+        axes, size = axes / scale, size * scale
     object_to_node = np.eye(4)
-    if rotation is not None:
-        object_to_node[:3, :3] = np.asarray(rotation, dtype=np.float64).reshape(3, 3)
-    object_to_node[:3, 3] = np.asarray(center_ras, dtype=np.float64).reshape(3)
+    object_to_node[:3, :3] = axes
+    object_to_node[:3, 3] = center
     node.GetObjectToNodeMatrix().DeepCopy(numpy_to_matrix(object_to_node))
-    node.SetSize(*[float(v) for v in np.asarray(size, dtype=np.float64).reshape(3)])
-    node.SetCenter(*[float(v) for v in object_to_node[:3, 3]])
+    node.SetSize(*[float(v) for v in size])
+    node.SetCenter(*[float(v) for v in center])
 
 
 def roi_corners_world(node) -> np.ndarray:

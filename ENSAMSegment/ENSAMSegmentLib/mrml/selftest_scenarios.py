@@ -187,22 +187,17 @@ def _voxel_roi(scene, world: VolumeGeometry, kji_min, kji_max, transform=None):
     if np.linalg.det(rotation) < 0:
         rotation[:, 2] *= -1  # a symmetric box: same corners with a proper rotation
     parent = _under(scene, transform, "roi")
-    to_node = np.linalg.inv(transform) if transform is not None else np.eye(4)
-    centre = (to_node @ np.append(corners.mean(axis=0), 1.0))[:3]
-    node_rotation = to_node[:3, :3] @ rotation
-    scale = np.linalg.norm(node_rotation, axis=0)
-    return prompts.add_roi(scene, centre, size * scale, node_rotation / scale, transform=parent)
+    return prompts.add_roi(scene, corners.mean(axis=0), size, rotation, transform=parent, world=True)
 
 
 def box_covers_roi_voxels(scene) -> None:
     """An ROI drawn on a voxel box gives exactly that box, for every grid and transform."""
     rng = np.random.default_rng(2)
-    rigid = {k: v for k, v in transforms().items() if k != "scaled"}  # ROI axes must stay orthogonal
     for gname, geometry in geometries().items():
         for tname, transform in transforms().items():
             _, node = _volume(scene, geometry, transform)
             world = volumes.volume_geometry(node)
-            for roi_tname, roi_transform in rigid.items():
+            for roi_tname, roi_transform in transforms().items():
                 lo = rng.integers(0, np.asarray(SHAPE) - 1)
                 hi = lo + rng.integers(0, np.asarray(SHAPE) - lo)
                 roi = _voxel_roi(scene, world, lo, hi, roi_transform)
