@@ -81,7 +81,7 @@ def write_overlay_png(path, image, mask, truth, box, clicks, title="") -> None:
         ax.contour(truth[z], levels=[0.5], colors="cyan", linewidths=1)
     (z0, y0, x0), (z1, y1, x1) = box
     ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="yellow"))
-    for (cz, cy, cx), foreground in clicks:
+    for (_, cy, cx), foreground in clicks:
         ax.plot(cx, cy, "o", color="lime" if foreground else "red", markersize=7, markeredgecolor="white")
     ax.set_title(f"{title}\nslice z={z}: ENSAM (orange), reference (cyan), box (yellow)", fontsize=9)
     ax.axis("off")
