@@ -189,6 +189,9 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node.modelPath != self._describedModel:
             self._describedModel = node.modelPath
             self.ui.modelInfoLabel.text = self.logic.describeModelSafely(node.modelPath)
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
+            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.findData(str(node.modelPath))  # -1: other
+            self.ui.modelComboBox.blockSignals(wasBlocked)
         if not self.dependenciesReady():
             if node.inputVolume is not None and not self._askedDependencies:
                 self._askedDependencies = True
@@ -228,8 +231,9 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onControllerChanged(self):
         """Controller -> parameter node and GUI: a segmentation or segment it created, status, buttons."""
         node, controller = self._parameterNode, self.controller
-        if node is not None and controller is not None and not self._syncingFromController:
-            segmentation, segmentID = controller.segmentation_node, controller.segment_id or ""
+        # Only what the controller made (it has None before the parameters reach it: keep those).
+        if node is not None and controller is not None and controller.segment_id and not self._syncingFromController:
+            segmentation, segmentID = controller.segmentation_node, controller.segment_id
             if node.segmentation is not segmentation or node.segmentID != segmentID:
                 self._syncingFromController = True  # the controller already has these: no echo back
                 try:

@@ -583,8 +583,61 @@ def test_bad_model_and_device_are_reported_not_raised(loop, tmp_path):
     headless, volume, geometry, controller, events = loop
     with pytest.raises(ValueError, match="unknown device"):
         controller.set_model(None, "tpu")
+    for empty in (None, "", Path(), Path("")):  # an empty path field: the default model
+        controller.set_model(empty, "cpu")
+        assert controller.model_path is None
     controller.set_model(tmp_path / "missing.pt", "cpu")
     assert controller.session is None and "Cannot start ENSAM" in controller.status
     assert "missing.pt" in controller.status
     _place_box(controller, geometry)
     assert controller.poll() is False  # nothing to send to: no crash, no job
+
+
+def test_moving_the_box_starts_the_object_over_and_undo_brings_clicks_back(loop):
+    from ENSAMSegmentLib.mrml import prompts
+
+    headless, volume, geometry, controller, events = loop
+    roi = _place_box(controller, geometry)
+    controller.wait()
+    foreground = controller.prompt_nodes()[0]
+    _click(foreground, geometry, (12, 16, 20))
+    controller.wait()
+    object_id = controller.object_for_segment(controller.segment_id)
+    assert controller.session.object_prompts(object_id).fg == ((12, 16, 20),)
+
+    moved = ((5, 7, 9), (18, 24, 30))
+    _place_box(controller, geometry, moved)  # what dragging a handle ends with
+    roi.InvokeEvent(roi.PointEndInteractionEvent)
+    controller.wait()
+    assert controller.session.object_prompts(object_id) == type(controller.session.object_prompts(object_id))(
+        box=moved)
+    assert foreground.GetNumberOfControlPoints() == 0, "the session dropped the click: so does the view"
+
+    controller.undo()
+    controller.wait()
+    assert controller.session.object_prompts(object_id).fg == ((12, 16, 20),)
+    assert foreground.GetNumberOfControlPoints() == 1
+    ras = [0.0, 0.0, 0.0]
+    foreground.GetNthControlPointPositionWorld(0, ras)
+    assert geometry.ras_to_kji_index(ras).tolist() == [12, 16, 20]
+    assert [b.tolist() for b in prompts.box_from_roi(roi, geometry)] == [list(BOX[0]), list(BOX[1])]
+    controller.wait()  # the redraw sends nothing
+    assert controller.session.object_prompts(object_id).fg == ((12, 16, 20),)
+
+
+def test_a_box_placed_while_encoding_waits_for_the_encoder(loop):
+    from ENSAMSegmentLib.mrml import volumes
+
+    headless, volume, geometry, controller, events = loop
+    image = np.random.default_rng(5).normal(0, 20, geometry.shape).astype(np.float32)
+    other = volumes.add_volume(headless.scene, image, geometry, "second")
+    controller.set_volume(other)
+    assert controller.encoding
+    _place_box(controller, geometry)
+    controller.wait()
+    assert controller.volume_node is other and not controller.encoding
+    object_id = controller.object_for_segment(controller.segment_id)
+    assert controller.session.object_prompts(object_id).box == BOX
+    assert controller.writer.read(controller.segment_id).any()
+    controller.set_volume(other)  # the same, unmodified volume: nothing to do
+    assert not controller.busy

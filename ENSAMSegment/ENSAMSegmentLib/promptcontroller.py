@@ -82,6 +82,7 @@ class _Job:
     future: object  # concurrent.futures.Future
     started: float
     segment_id: str | None = None
+    number: int = 0  # submission order
 
 
 class PromptController:
@@ -114,7 +115,8 @@ class PromptController:
         self._writes: list[tuple[int, int]] = []  # (object id, step) of each writer undo record
         self._objects: dict[str, int] = {}  # segment id -> session object id
         self._jobs: list[_Job] = []
-        self._sent_points: set[tuple[str, str]] = set()  # (node id, control point id) already sent
+        self._sent_points: dict[tuple[str, str], int] = {}  # (node id, point id) -> number of its request
+        self._submitted = 0  # requests submitted so far
         self._sent_box: tuple | None = None  # (lo, hi) last sent for the current object
         self._prompts_dirty = False
         self.foreground_node = self.background_node = self.roi_node = None
@@ -144,7 +146,8 @@ class PromptController:
 
     def set_model(self, model_path=None, device: str = "auto") -> None:
         """Use another model file (None or '': the default) or device; the image is encoded again."""
-        path = Path(model_path) if model_path not in (None, "", ".") else None
+        text = "" if model_path is None else str(model_path)
+        path = Path(text) if text not in ("", ".") else None  # Path() is what an empty path field gives
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}; use one of {DEVICES}")
         if (path, device) == (self.model_path, self.device):
@@ -334,7 +337,7 @@ class PromptController:
                 point_id = (node.GetID(), node.GetNthControlPointID(n))  # point ids are unique per node only
                 if point_id in self._sent_points or node.GetNthControlPointPositionStatus(n) != node.PositionDefined:
                     continue
-                self._sent_points.add(point_id)
+                self._sent_points[point_id] = self._submitted + 1  # the number _submit will give it
                 node.SetNthControlPointLocked(n, True)
                 world = [0.0, 0.0, 0.0]
                 node.GetNthControlPointPositionWorld(n, world)
@@ -371,7 +374,8 @@ class PromptController:
         except SessionError as error:  # bad prompt or no image: the session is unchanged
             self._set_status(f"{kind.capitalize()} refused: {error}")
             return
-        self._jobs.append(_Job(kind, future, time.perf_counter(), segment_id))
+        self._submitted += 1
+        self._jobs.append(_Job(kind, future, time.perf_counter(), segment_id, self._submitted))
         self.wake()
         self.on_change()
 
@@ -417,8 +421,22 @@ class PromptController:
             self.writer.write(job.segment_id, update.mask, update.changed)
             self._writes.append((update.object_id, update.step))
             del self._writes[: max(0, len(self._writes) - self.writer.max_undo)]
-        if job.kind in ("undo", "reset") and job.segment_id == self.segment_id:
+        if job.segment_id != self.segment_id:
+            return
+        if job.kind in ("undo", "reset"):
             self._redraw_prompts(self.session.object_prompts(update.object_id))
+        elif job.kind == "box":
+            self._remove_clicks_before(job.number)  # a box starts the object over: earlier clicks are gone
+
+    def _remove_clicks_before(self, number: int) -> None:
+        """Remove the click markups sent before request `number` (later ones are still to come)."""
+        for node in (self.foreground_node, self.background_node):
+            for point_id, sent in list(self._sent_points.items()):
+                if point_id[0] == node.GetID() and sent < number:
+                    index = node.GetNthControlPointIndexByID(point_id[1])
+                    if index >= 0:
+                        node.RemoveNthControlPoint(index)
+                    del self._sent_points[point_id]
 
     # -- internals: targets, prompts, session ---------------------------------------------------
 
@@ -474,7 +492,7 @@ class PromptController:
             for kji in points:
                 n = node.AddControlPointWorld(*self.geometry.kji_to_ras(kji).tolist())
                 node.SetNthControlPointLocked(n, True)
-                self._sent_points.add((node.GetID(), node.GetNthControlPointID(n)))
+                self._sent_points[(node.GetID(), node.GetNthControlPointID(n))] = 0
         if prompts.box is not None:
             center, size, axes = roi_for_box(self.geometry, *prompts.box)
             mrml_prompts.set_roi(roi, center, size, axes)
