@@ -15,7 +15,7 @@ from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
 from ENSAMSegmentLib.phantom import make_phantom
 from ENSAMSegmentLib.session import (
     ImageTooLargeError, InferenceSession, InvalidImageError, InvalidPromptError, ModelLoadError, NoImageError,
-    SessionClosedError, SessionError, UnknownObjectError, boost_empty, merge_into,
+    SessionClosedError, SessionError, StaleRequest, UnknownObjectError, boost_empty, merge_into,
 )
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
@@ -393,6 +393,25 @@ def test_undo_between_clicks_is_not_skipped(recorded, image):
     assert not click.cancelled() and blocker.result(30).step == 2 and click.result(30).step == 3
     assert undo.result(30).step == 2 and last.result(30).step == 3
     assert session.object_prompts().fg == ((14, 22, 24), (18, 26, 26))
+
+
+def test_a_new_image_cancels_queued_requests_and_orphans_the_running_one(recorded, image):
+    session, rec = recorded
+    session.set_image(image)
+    session.create_object()
+    rec.gate.clear()
+    rec.entered.clear()
+    running = session.submit_box(*BOX)
+    assert rec.entered.wait(30)
+    queued = [session.submit_click((14, 22, 24)), session.submit_undo(), session.submit_merged_labels()]
+    superseded = session.submit_image(image[:, :40])
+    newest = session.submit_image(image[:, :, :40])
+    assert all(f.cancelled() for f in queued + [superseded]) and session.object_ids == ()
+    rec.gate.set()
+    with pytest.raises(StaleRequest):
+        running.result(30)
+    assert newest.result(30).shape == (32, 48, 40) and rec.encodes == 2  # the superseded image never ran
+    assert session.image_shape == (32, 48, 40) and not session.merged_labels().any()
 
 
 def test_close_stops_the_worker_and_later_calls_raise(image):

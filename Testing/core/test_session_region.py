@@ -218,3 +218,44 @@ def test_region_decoding_agrees_with_full_decoding(model, phantom):
     assert score > 0.8
     extent, wide = results["wide"][1]  # decoder crop = region + 2 cells = the whole image here
     assert np.allclose(wide, full_logits[extent], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- measurements (not tests)
+
+
+def measure(shape=(300, 512, 512), box=((100, 180, 200), (160, 300, 320)), clicks=((130, 240, 260),)) -> dict:
+    """Peak memory (ru_maxrss) and timings of a session on a synthetic int16 CT with the default-size
+    (untrained) model on CPU: set_image, a box, clicks. Run: python Testing/core/test_session_region.py"""
+    import resource
+    import time
+
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    rng = np.random.default_rng(0)
+    image = rng.normal(40, 300, shape).clip(-1024, 3000).astype(np.int16)
+    model = ENSAM(ENSAMConfig()).eval()
+    out = {"shape": shape, "rss_before_gb": rss / 1e9}
+    with InferenceSession(model=model, device="cpu") as session:
+        t = time.perf_counter()
+        report = session.set_image(image, modality="ct")
+        out.update(set_image_s=time.perf_counter() - t, mode=report.mode, grid=report.grid_shape,
+                   factor=report.grid_factor, encode_s=report.timings["encode"])
+        session.create_object()
+        update = session.add_box(*box)
+        out["box_s"], out["box_timings"] = update.seconds, update.timings
+        out["clicks_s"] = [session.add_click(c).seconds for c in clicks]
+        out["merged_labels_voxels"] = int((session.merged_labels() > 0).sum())
+        out["encoder_runs"] = session.encoder_runs
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--small" in sys.argv:  # the click-speed benchmark volume
+        print(measure((128, 256, 256), ((40, 90, 100), (80, 150, 160)),
+                      ((60, 120, 130), (60, 120, 130), (70, 110, 140), (50, 130, 120))))
+    else:
+        print(measure())
