@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "ENSAMSegmentLib.cli.cmd_info",
     "ENSAMSegmentLib.cli.cmd_predict",
     "ENSAMSegmentLib.cli.cmd_evaluate",
+    "ENSAMSegmentLib.cli.cmd_bench",
 ]
 OPTIONAL_COMMAND_MODULES = [
     # (module, reason it may be absent)

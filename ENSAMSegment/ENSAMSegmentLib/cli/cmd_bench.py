@@ -1,0 +1,51 @@
+"""`ensam bench`: interactive speed of ENSAM against Slicer's "Grow from seeds", same volume, same run.
+
+On a synthetic CT phantom (default 128 x 256 x 256) with a box of 1/8 of the volume around the liver
+and 3 clicks inside it: median and p95, after warm-up, of the encoder pass (a new image each repeat),
+the first box, a click with the embedding cached, the merge; peak memory; and Grow from seeds
+(vtkImageGrowCutSegment from slicer-core) from the same prompts, timed as the Segment Editor runs it:
+its first computation, then an update after one more seed with the same filter reused.
+Without a model file an untrained model of the default architecture is used (timings do not depend on
+the weights). Details: ENSAMSegmentLib/benchmark.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ENSAMSegmentLib.cli.main import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="time ENSAM's encoder, box, click and merge against Grow from seeds",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="compute device (default: auto = cuda when available)")
+    parser.add_argument("--shape", default="128,256,256", help="volume shape D,H,W (default 128,256,256)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured repeats (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded warm-up repeats (default 1)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="ENSAM model file (default: the default model, else an untrained one)")
+    parser.add_argument("--no-growcut", action="store_true", help="skip Grow from seeds")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ENSAMSegmentLib.benchmark import BenchmarkError, format_report, parse_shape, run_benchmark
+    from ENSAMSegmentLib.growcut import GrowCutError
+    from ENSAMSegmentLib.session import SessionError
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        report = run_benchmark(parse_shape(args.shape), args.device, args.repeats, args.warmup,
+                               args.checkpoint, growcut=not args.no_growcut, progress=progress)
+    except (BenchmarkError, SessionError, GrowCutError) as error:
+        raise UserError(str(error)) from None
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0

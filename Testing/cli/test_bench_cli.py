@@ -1,0 +1,111 @@
+"""`ensam bench` on a tiny volume: every key present with positive finite numbers, Grow from seeds
+measured, the scenario as documented, bad settings as clear errors (exit 2). Not a timed test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ENSAMSegmentLib.benchmark import BenchmarkError, make_scenario, parse_shape, stats, targets
+from ENSAMSegmentLib.cli.main import main
+from ENSAMSegmentLib.modelfile import create_untrained_model_file, default_model_path
+from ENSAMSegmentLib.network import ENSAMConfig
+
+TINY = "32,48,48"
+POSITIVE = ("encoder_s", "encoder_s_p95", "set_image_s_median", "box_s_median", "box_s_p95", "click_s_median",
+            "click_s_p95", "click_decode_s_median", "merge_s_median", "growcut_first_s", "growcut_first_s_p95",
+            "growcut_update_s", "growcut_update_s_p95", "peak_rss_mb", "peak_rss_mb_with_growcut",
+            "click_vs_growcut_update", "encoder_plus_box_vs_growcut_first", "parameters", "torch_threads")
+
+
+@pytest.fixture(scope="module")
+def report():
+    """One JSON run with the default model (an untrained one when the default file is missing)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["bench", "--json", "--device", "cpu", "--shape", TINY, "--repeats", "2", "--warmup", "1"])
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue()), err.getvalue()
+
+
+def test_json_has_every_key_with_positive_finite_numbers(report):
+    r, _ = report
+    for key in POSITIVE:
+        assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+    assert r["shape"] == [32, 48, 48] and r["device"] == "cpu" and r["cpu"] and r["date"]
+    assert r["cuda_max_memory_allocated_mb"] is None and r["gpu"] is None
+    assert r["click_vs_growcut_update"] == pytest.approx(r["click_s_median"] / r["growcut_update_s"])
+    assert r["encoder_plus_box_vs_growcut_first"] == pytest.approx(
+        (r["encoder_s"] + r["box_s_median"]) / r["growcut_first_s"])
+    assert r["encoder_s"] <= r["set_image_s_median"] and r["click_s_median"] <= r["click_s_p95"]
+
+
+def test_repeats_exclude_warmup_and_growcut_is_incremental(report):
+    r, progress = report
+    samples = r["samples"]
+    assert len(samples["ensam_encoder"]) == len(samples["ensam_box"]) == len(samples["growcut_first"]) == 2
+    assert len(samples["ensam_click"]) == 2 * len(r["clicks"]) == 6
+    assert len(samples["growcut_update"]) == 2 * (len(r["clicks"]) - 1)
+    assert r["growcut_update_incremental"] is True
+    assert "warm-up 1/1" in progress and "repeat 2" in progress
+
+
+def test_model_and_targets_are_reported(report):
+    r, _ = report
+    if not default_model_path().is_file():
+        assert r["model"]["untrained"] and r["model"]["path"] is None and "untrained" in r["model"]["note"]
+    assert r["parameters"] > 1_000_000
+    assert r["targets"]["applies"] is False and r["targets"]["click_le_1s"] is None  # not the target shape
+    assert r["mode"] == "whole" and r["grid_shape"] == [32, 48, 48]
+
+
+def test_scenario_box_is_an_eighth_around_the_liver_with_clicks_inside():
+    s = make_scenario((32, 48, 48))
+    lo, hi = s.box
+    assert s.box_fraction == pytest.approx(1 / 8)
+    assert all(0 <= a <= b < n for a, b, n in zip(lo, hi, s.image.shape))
+    assert [fg for _, fg in s.clicks] == [True, False, True]
+    for point, _ in s.clicks:
+        assert all(a <= p <= b for p, a, b in zip(point, lo, hi))
+
+
+def test_text_table_with_a_model_file_and_no_growcut(tmp_path, capsys):
+    config = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
+    path = create_untrained_model_file(tmp_path / "tiny.pt", config=config)
+    assert main(["bench", "--shape", "24x32x32", "--repeats", "1", "--warmup", "0", "--checkpoint", str(path),
+                 "--no-growcut"]) == 0
+    text = capsys.readouterr().out
+    assert "ENSAM click (embedding cached)" in text and "24x32x32" in text and str(path) in text
+    assert "Grow from seeds" not in text and "model file is untrained" in text
+
+
+@pytest.mark.parametrize("shape", ["128,256", "a,b,c", "8,64,64", "0,10,10", "128,256,256,1"])
+def test_bad_shape_is_a_clear_error(shape, capsys):
+    assert main(["bench", "--shape", shape]) == 2
+    err = capsys.readouterr().err
+    assert "ensam bench: error: shape must be three integers D,H,W" in err and shape in err
+
+
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    assert main(["bench", "--shape", TINY, "--repeats", "0"]) == 2
+    assert "repeats >= 1" in capsys.readouterr().err
+    missing = tmp_path / "none.pt"
+    assert main(["bench", "--shape", TINY, "--checkpoint", str(missing)]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_helpers():
+    assert parse_shape("16, 24 ,32") == (16, 24, 32)
+    with pytest.raises(BenchmarkError):
+        parse_shape("16,24")
+    assert stats([3.0, 1.0, 2.0]) == {"median": 2.0, "p95": pytest.approx(2.9), "n": 3}
+    assert stats([])["median"] is None
+    met = targets({"device": "cpu", "shape": [128, 256, 256], "click_s_median": 1.2, "encoder_s": 8.0,
+                   "encoder_plus_box_vs_growcut_first": 0.9})
+    assert met == {"click_le_1s": False, "encoder_le_10s": True, "encoder_plus_box_lt_growcut_first": True,
+                   "applies": True, "defined_for": "CPU, shape 128x256x256"}
