@@ -336,9 +336,12 @@ class InferenceSession:
         self._worker.start()
 
     def _load(self, model, model_path):
-        if model is not None:
-            return model.to(self.device).eval(), None
-        from .modelfile import ModelFileError, default_model_path, load_model
+        from .modelfile import ModelFileError, ModelInfo, default_model_path, load_model
+
+        if model is not None:  # an in-memory model (moved to the session's device)
+            info = ModelInfo(path=None, config=model.config, training_data="in-memory model (no file)",
+                             parameters=sum(p.numel() for p in model.parameters()))
+            return model.to(self.device).eval(), info
 
         try:
             return load_model(model_path or default_model_path(), self.device)

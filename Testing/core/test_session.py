@@ -240,6 +240,16 @@ def test_merged_labels_take_the_highest_logit_above_zero(recorded, image):
     assert set(np.unique(labels)) <= {0, 1, 2}
 
 
+def test_merged_labels_switch_to_uint16_above_255_objects(recorded, image):
+    session, _ = recorded
+    session.set_image(image)
+    ids = [session.create_object() for _ in range(256)]
+    session.add_click((16, 24, 24), object_id=ids[-1])
+    labels = session.merged_labels()
+    assert labels.dtype == np.uint16 and set(np.unique(labels)) <= {0, 256}
+    assert np.array_equal(labels == 256, session.object_mask(256))
+
+
 def test_an_object_left_empty_gets_a_voxel_inside_its_box(image):
     model = small_model()
     with torch.no_grad():
@@ -433,7 +443,9 @@ def test_model_file_and_device_options(tmp_path, image):
     path = create_untrained_model_file(tmp_path / "small.pt", seed=0, config=ENSAMConfig(**SMALL))
     with InferenceSession(model_path=path, device="auto") as session:
         assert session.device.type in ("cpu", "cuda", "mps") and session.model_info.path == path
-        assert session.device_name
+        assert session.model_info.untrained and session.device_name
+    with InferenceSession(model=small_model(), device="cpu") as session:
+        assert session.model_info.path is None and session.model_info.config == ENSAMConfig(**SMALL)
     with pytest.raises(ModelLoadError, match="no such file"):
         InferenceSession(model_path=tmp_path / "missing.pt", device="cpu")
     with pytest.raises(SessionError, match="unknown device"):
