@@ -60,6 +60,7 @@ from .data import (
     CaseRef,
     DataError,
     EpochSampler,
+    NoCasesError,
     TrainingDataset,
     find_cases,
     make_loader,
@@ -75,6 +76,7 @@ from .step import CLICKS, InteractiveStep
 
 EXIT_INTERRUPTED = 3
 PLOT_EVERY_S = 60.0
+WORKER_TERM_GRACE_S = 20
 RESUME_OVERRIDES = ("epochs", "device", "workers", "checkpoint_minutes", "progress_json", "stop_after", "progress_bar")
 
 
@@ -210,10 +212,21 @@ def renormalize(model: nn.Module) -> None:
     renormalize_weights(model)
 
 
+def _last_line(message: str) -> str:
+    """The exception line of a DataLoader worker's re-raised traceback, without the class name."""
+    line = message.strip().splitlines()[-1] if message.strip() else message
+    return line.split("Error: ", 1)[1] if line.startswith("ENSAMTrainingLib.") and "Error: " in line else line
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: stop signals are the trainer's business, not the workers'."""
+    """DataLoader worker_init_fn: stop signals are the trainer's business, not the workers'.
+
+    A terminal's Ctrl-C and torchrun's stop (killpg) reach the workers too; they keep serving
+    the samples the trainer needs to finish its accumulation group. SIGTERM still ends a
+    worker, WORKER_TERM_GRACE_S seconds later (SIGALRM), so none can outlive its purpose.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_TERM_GRACE_S))
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -388,11 +401,24 @@ class Trainer:
             len(self.train_cases), config.seed, self.epoch, self.position, self.info.rank, self.info.world_size
         )
         workers = default_workers(self.info.world_size) if config.workers is None else config.workers
-        loader = make_loader(self.dataset, sampler, workers, worker_init_fn=_ignore_stop_signals)
+        samples = iter(make_loader(self.dataset, sampler, workers, worker_init_fn=_ignore_stop_signals))
+        try:
+            return self._train_samples(samples)
+        except NoCasesError as error:  # raised in a worker: keep the message, drop the worker's traceback
+            raise NoCasesError(_last_line(str(error))) from None
+        finally:
+            # shut the workers down now, also when an exception (whose traceback keeps the
+            # iterator alive) propagates; else they would linger until interpreter exit
+            shutdown = getattr(samples, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _train_samples(self, samples) -> str | None:
+        config = self.config
         module = self.ddp if self.ddp is not None else self.step_module
         group: list[float] = []
         started = time.monotonic()
-        for sample in loader:
+        for sample in samples:
             self._report_skipped(sample.skipped)
             first = (self.position // config.accumulation) * config.accumulation
             size = min(config.accumulation, self.per_rank - first)

@@ -187,9 +187,13 @@ def test_bad_input(tmp_path, four_cases, capsys):
     assert main(cli_args(mixed, tmp_path / "r3", "--epochs", "1")) == 2  # the run folder is taken
     assert "already holds a run" in capsys.readouterr().err
 
-    # nothing usable at all: stop with the reasons
+    # nothing usable at all: stop with the reasons (found by a worker process: its traceback is not
+    # shown, and the workers are shut down so that the process ends)
     (mixed / "d_good.npz").unlink()
     progress = tmp_path / "bad.jsonl"
-    assert main(cli_args(mixed, tmp_path / "r4", "--progress-json", str(progress))) == 2
-    assert "none of the 3 training cases can be used" in capsys.readouterr().err
+    command = [str(VENV_BIN / "ensam"), *cli_args(mixed, tmp_path / "r4", "--workers", "1", "--progress-json", str(progress))]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "error: none of the 3 training cases can be used: " in run.stderr
+    assert "a_background: labels all background" in run.stderr and "b_mismatch: mismatched shapes" in run.stderr
     assert read_events(progress)[-1]["event"] == "error"
