@@ -107,3 +107,18 @@ def test_too_small(collection, tmp_path):
         select_coreset(collection, fraction=0.01)
     with pytest.raises(NoCasesError, match="no training cases"):
         select_coreset(tmp_path, fraction=0.5)
+
+
+def test_coreset_command(collection, tmp_path, capsys):
+    from ENSAMSegmentLib.cli.main import main
+
+    out = tmp_path / "lists" / "core.txt"
+    assert main(["coreset", "--data", str(collection), "--fraction", "0.5", "--exclude", "MR/D", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "selected 8 of 16 cases (target 8)" in printed and "per modality: CT 5/8, MR 3/8" in printed
+    assert len(out.read_text().splitlines()) == 8
+    assert json.loads((tmp_path / "lists" / "core.report.json").read_text())["excluded"] == ["D"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["coreset", "--data", str(empty), "-o", str(tmp_path / "x.txt")]) == 2
+    assert "no training cases in" in capsys.readouterr().err
