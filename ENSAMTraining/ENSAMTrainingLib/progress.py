@@ -20,10 +20,11 @@ Events, in the order they occur, and their fields:
 ``warning``     message, case (optional): e.g. a case skipped because it cannot be used
 ``epoch``       epoch (the one just finished, 0-based), step, train_loss (epoch mean),
                 val (dict of validation metrics or null when there is no validation set:
-                dsc_auc, nsd_auc, final_dsc, final_nsd, dsc (list, per step), nsd (list), cases)
-``checkpoint``  path, epoch, step, reason ("time", "epoch", "signal", "final")
-``done``        status ("finished" or "interrupted"), model (path of model.pt, or null when
-                interrupted), checkpoint (path), epoch, step
+                dsc_auc, nsd_auc, final_dsc, final_nsd, dsc (list, per step), nsd (list), cases,
+                skipped (held-out cases that could not be read))
+``checkpoint``  path, epoch, step, reason ("time", "epoch", "signal", "stop")
+``done``        status: "finished" (model = path of model.pt), "interrupted" (SIGINT/SIGTERM) or
+                "stopped" (--stop-after), both with model null; checkpoint (path), epoch, step
 ``error``       message, type (exception class name)
 
 Example::

@@ -477,7 +477,8 @@ class Trainer:
     def _decide(self) -> str | None:
         """After an optimizer step: stop ("signal"/"stop"), or checkpoint now ("time")? Same on every rank."""
         config = self.config
-        due = time.monotonic() - self.last_checkpoint > config.checkpoint_minutes * 60
+        due = time.monotonic() - self.last_checkpoint >= config.checkpoint_minutes * 60
+        due = due and self.position < self.per_rank  # at an epoch's end the epoch checkpoint follows
         stop_after = config.stop_after is not None and self.step >= config.stop_after
         signalled, due, stop_after = dist_utils.any_true(
             [self.stop_requested, due, stop_after], self.info, self.device

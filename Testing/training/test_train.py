@@ -18,7 +18,7 @@ from ENSAMSegmentLib.cli.main import main
 from ENSAMSegmentLib.modelfile import load_model, read_model_info
 from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
 from ENSAMTrainingLib.logs import read_csv
-from ENSAMTrainingLib.progress import read_events
+from ENSAMTrainingLib.progress import ProgressStream, read_events
 from ENSAMTrainingLib.trainer import TrainConfig, resume, train
 
 VENV_BIN = Path(sys.executable).parent
@@ -99,9 +99,12 @@ def test_two_cases_loss_falls_and_run_folder(tmp_path):
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(reference_run, four_cases, tmp_path):
-    out = tmp_path / "run"
-    first = train(tiny_config(four_cases, out, stop_after=3))  # mid-epoch 1
+    out, progress = tmp_path / "run", tmp_path / "progress.jsonl"
+    # checkpoint_minutes=0: a timed checkpoint after every step, which must not change anything
+    first = train(tiny_config(four_cases, out, stop_after=3, checkpoint_minutes=0), ProgressStream(progress))
     assert (first.status, first.step, first.model) == ("stopped", 3, None)
+    reasons = [(e["step"], e["reason"]) for e in read_events(progress) if e["event"] == "checkpoint"]
+    assert reasons == [(1, "time"), (2, "epoch"), (3, "stop")]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["position"]) == (1, 2)
     second = resume(out, stop_after=None, workers=2)  # other worker counts: same samples
