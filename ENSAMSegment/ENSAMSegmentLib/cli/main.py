@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "ENSAMSegmentLib.cli.cmd_predict",
     "ENSAMSegmentLib.cli.cmd_evaluate",
     "ENSAMSegmentLib.cli.cmd_bench",
+    "ENSAMSegmentLib.cli.cmd_web",
 ]
 OPTIONAL_COMMAND_MODULES = [
     # (module, reason it may be absent)

@@ -1,0 +1,200 @@
+"""`ensam web` end to end in a real headless Chromium (Debian's /usr/bin/chromium, over DevTools).
+
+The server runs as `python -m ENSAMSegmentLib.cli.main web` on a free loopback port with a small
+real model; the browser loads the page, and every prompt goes through the page the way a user
+gives it: the Box tool by its keyboard shortcut, the box itself by two real mouse clicks in the
+axial view (trame's remote-controlled area forwards them to Slicer's ROI widget on the server),
+the + Click tool by its button and a mouse click in the view, then Save segmentation. The saved
+.seg.nrrd (written by the server from its scene) and the browser's download must hold the segment
+the page reports. A screenshot of the final page is written to the test's temp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from chromium_cdp import Chromium, Page, find_chromium
+
+VIEWPORT = (1280, 800)
+CHROMIUM_MISSING = ("Debian chromium is not installed (`make setup` installs it through "
+                    ".ci/install-system-packages; or: apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def chromium():
+    path = find_chromium()
+    if path is None:
+        pytest.skip(CHROMIUM_MISSING)
+    return path
+
+
+@pytest.fixture
+def web_server(small_image, small_model, tmp_path):
+    """(url, out_dir, log path) of a running `ensam web` subprocess; stopped afterwards."""
+    port, out_dir, log_path = _free_port(), tmp_path / "saved", tmp_path / "server.log"
+    command = [sys.executable, "-m", "ENSAMSegmentLib.cli.main", "web", "--host", "127.0.0.1", "--port", str(port),
+               "--image", str(small_image[0]), "--checkpoint", str(small_model), "--device", "cpu",
+               "--out-dir", str(out_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for_http(url, process, log_path, timeout=90)
+        yield url, out_dir, log_path
+    finally:
+        _stop(process)
+
+
+def _wait_for_http(url: str, process, log_path: Path, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            pytest.fail(f"ensam web exited with {process.returncode}:\n{_log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"ensam web did not answer at {url} in {timeout} s:\n{_log_tail(log_path)}")
+
+
+def _stop(process) -> None:
+    """Ctrl+C (the way a user stops it), then kill if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    noise = ("WindowResizeEvent", "ConfigureEvent", "Warning: In vtkObject", "vtkObserverManager")
+    text = [line for line in path.read_text(errors="replace").splitlines() if line and not any(n in line for n in noise)]
+    return "\n".join(text[-lines:])
+
+
+def _text(element_id: str) -> str:
+    return f"document.getElementById('{element_id}').innerText"
+
+
+def _voxels(segment_text: str) -> int:
+    match = re.search(r"ENSAM 1: (\d+) voxels", segment_text)
+    assert match, f"no voxel count in the page's segment line: {segment_text!r}"
+    return int(match.group(1))
+
+
+async def _browse(chromium_path: str, url: str, work: Path) -> dict:
+    """Drive the page; returns what was seen (texts, timings, paths)."""
+    seen = {}
+    downloads = work / "downloads"
+    downloads.mkdir()
+    with Chromium(chromium_path, work / "profile") as browser:
+        page = await Page.open(browser.port)
+        try:
+            await page.set_viewport(*VIEWPORT)
+            await page.allow_downloads(downloads)
+            await page.navigate(url)
+
+            # the page: title, tools, status; the image is encoded on the server
+            await page.wait_for(f"!!document.getElementById('ensam-status') && {_text('ensam-status')}.startsWith('Ready')",
+                                timeout=60, what="the status 'Ready' (image encoded)")
+            seen["title"] = await page.evaluate("document.title")
+            seen["buttons"] = await page.evaluate(
+                "['box','foreground','background','undo','reset','next','save']"
+                ".map(a => document.getElementById('ensam-' + a).innerText.trim())")
+            seen["timing_encoded"] = await page.evaluate(_text("ensam-timing"))
+            seen["note"] = await page.evaluate(_text("ensam-note"))
+            views = await page.wait_for(
+                "(() => { const v = [...document.querySelectorAll('img.image-display-area')]"
+                ".map(e => e.getBoundingClientRect()).filter(r => r.width > 50 && r.height > 50);"
+                " return v.length === 3 ? JSON.stringify(v) : null; })()", timeout=30, what="three slice views")
+            axial = max(json.loads(views), key=lambda r: r["width"] * r["height"])  # the large view
+
+            # Box: its keyboard shortcut, then two real clicks (opposite corners) in the axial view
+            await page.press_key("b")
+            await page.wait_for("window.trame.state.get('ensam_tool') === 'box'", 10, "the Box tool (key B)")
+            corner = lambda fx, fy: (axial["x"] + fx * axial["width"], axial["y"] + fy * axial["height"])  # noqa: E731
+            await page.click_at(*corner(0.30, 0.30))
+            await page.send("Input.dispatchMouseEvent", type="mouseMoved", x=corner(0.4, 0.45)[0],
+                            y=corner(0.4, 0.45)[1])
+            await page.click_at(*corner(0.55, 0.60))
+            await page.wait_for(f"{_text('ensam-timing')}.startsWith('Box:')", 60, "the box result")
+            seen["after_box"] = [await page.evaluate(_text(i)) for i in ("ensam-status", "ensam-timing", "ensam-segment")]
+
+            # + Click: its button, then a real click inside the box
+            await page.evaluate("document.getElementById('ensam-foreground').click()")
+            await page.wait_for("window.trame.state.get('ensam_tool') === 'foreground'", 10, "the + Click tool")
+            await page.click_at(*corner(0.45, 0.45))
+            await page.wait_for(f"{_text('ensam-timing')}.startsWith('Click:')", 60, "the click result")
+            seen["after_click"] = [await page.evaluate(_text(i)) for i in ("ensam-status", "ensam-timing", "ensam-segment")]
+
+            # Save segmentation: written by the server (--out-dir) and downloaded by the browser
+            await page.evaluate("document.getElementById('ensam-save').click()")
+            await page.wait_for(f"{_text('ensam-saved')}.startsWith('Saved')", 30, "the save")
+            seen["saved"] = await page.evaluate(_text("ensam-saved"))
+            end = time.monotonic() + 20
+            while not list(downloads.glob("*.seg.nrrd")) and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            seen["downloads"] = sorted(downloads.glob("*.seg.nrrd"))
+            seen["screenshot"] = await page.screenshot(work / "ensam-web.png")
+        finally:
+            await page.close()
+    return seen
+
+
+def test_browser_box_click_save(chromium, web_server, tmp_path):
+    from ENSAMSegmentLib.imageio import read_segmentation_nrrd
+
+    url, out_dir, log_path = web_server
+    started = time.monotonic()
+    try:
+        seen = asyncio.run(_browse(chromium, url, tmp_path))
+    except Exception as error:
+        raise AssertionError(f"{error}\n-- server log --\n{_log_tail(log_path)}") from error
+    print(f"browser session: {time.monotonic() - started:.1f} s; screenshot: {tmp_path / 'ensam-web.png'}")
+
+    assert seen["title"] == "ENSAM"
+    assert seen["buttons"] == ["Box [B]", "+ Click [F]", "- Click [G]", "Undo [U]", "Reset object [R]",
+                               "Next object [N]", "Save segmentation"]
+    assert re.fullmatch(r"Image encoded in \d+ ms\.", seen["timing_encoded"])
+    assert "untrained" in seen["note"]
+
+    status, timing, segment = seen["after_box"]
+    assert status == "Object 1: step 1." and re.fullmatch(r"Box: \d+ ms \(model \d+ ms\)\.", timing)
+    assert _voxels(segment) > 0, "the box gave an empty segment"
+    status, timing, segment = seen["after_click"]
+    assert status == "Object 1: step 2." and re.fullmatch(r"Click: \d+ ms \(model \d+ ms\)\.", timing)
+    voxels = _voxels(segment)
+
+    # the server's scene, as Slicer's writer saved it, holds exactly what the page reports
+    saved = out_dir / "phantom-ensam.seg.nrrd"
+    assert seen["saved"] == f"Saved {saved}"
+    labels, geometry, segments = read_segmentation_nrrd(saved)
+    assert [s.name for s in segments] == ["ENSAM 1"]
+    assert int((labels == segments[0].label).sum()) == voxels > 0
+    assert [p.name for p in seen["downloads"]] == ["phantom-ensam.seg.nrrd"]
+    assert seen["downloads"][0].read_bytes() == saved.read_bytes()
+
+    png = seen["screenshot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
