@@ -45,22 +45,41 @@ def chromium():
     return path
 
 
+class WebServer:
+    """A running `ensam web` subprocess."""
+
+    def __init__(self, command: list[str], url: str, out_dir: Path, log_path: Path):
+        self.url, self.out_dir, self.log_path = url, out_dir, log_path
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env)
+
+    def stop(self) -> int:
+        """Ctrl+C (the way a user stops it; killed if it hangs); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
 @pytest.fixture
 def web_server(small_image, small_model, tmp_path):
-    """(url, out_dir, log path) of a running `ensam web` subprocess; stopped afterwards."""
-    port, out_dir, log_path = _free_port(), tmp_path / "saved", tmp_path / "server.log"
+    """A running `ensam web` on a free loopback port, stopped afterwards."""
+    port = _free_port()
     command = [sys.executable, "-m", "ENSAMSegmentLib.cli.main", "web", "--host", "127.0.0.1", "--port", str(port),
                "--image", str(small_image[0]), "--checkpoint", str(small_model), "--device", "cpu",
-               "--out-dir", str(out_dir)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}/"
+               "--out-dir", str(tmp_path / "saved")]
+    server = WebServer(command, f"http://127.0.0.1:{port}/", tmp_path / "saved", tmp_path / "server.log")
     try:
-        _wait_for_http(url, process, log_path, timeout=90)
-        yield url, out_dir, log_path
+        _wait_for_http(server.url, server.process, server.log_path, timeout=90)
+        yield server
     finally:
-        _stop(process)
+        server.stop()
 
 
 def _wait_for_http(url: str, process, log_path: Path, timeout: float) -> None:
@@ -77,17 +96,6 @@ def _wait_for_http(url: str, process, log_path: Path, timeout: float) -> None:
     pytest.fail(f"ensam web did not answer at {url} in {timeout} s:\n{_log_tail(log_path)}")
 
 
-def _stop(process) -> None:
-    """Ctrl+C (the way a user stops it), then kill if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 def _log_tail(path: Path, lines: int = 40) -> str:
     noise = ("WindowResizeEvent", "ConfigureEvent", "Warning: In vtkObject", "vtkObserverManager")
     text = [line for line in path.read_text(errors="replace").splitlines() if line and not any(n in line for n in noise)]
@@ -99,7 +107,7 @@ def _text(element_id: str) -> str:
 
 
 def _voxels(segment_text: str) -> int:
-    match = re.search(r"ENSAM 1: (\d+) voxels", segment_text)
+    match = re.search(r"^ENSAM 1: (\d+) voxels", segment_text)
     assert match, f"no voxel count in the page's segment line: {segment_text!r}"
     return int(match.group(1))
 
@@ -157,7 +165,16 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
             while not list(downloads.glob("*.seg.nrrd")) and time.monotonic() < end:
                 await asyncio.sleep(0.1)
             seen["downloads"] = sorted(downloads.glob("*.seg.nrrd"))
-            seen["screenshot"] = await page.screenshot(work / "ensam-web.png")
+            seen["screenshot"] = await page.screenshot(work / "ensam-web.png")  # the segment after box + click
+
+            # Undo (key U) brings back the box's segment; Next object (button) starts segment 2
+            await page.press_key("u")
+            await page.wait_for(f"{_text('ensam-status')} === 'Object 1: step 1.' && "
+                                "!window.trame.state.get('ensam_busy')", 60, "the undo")
+            seen["after_undo"] = await page.evaluate(_text("ensam-segment"))
+            await page.evaluate("document.getElementById('ensam-next').click()")
+            await page.wait_for(f"{_text('ensam-segment')}.startsWith('ENSAM 2')", 10, "the next object")
+            seen["after_next"] = await page.evaluate(_text("ensam-segment"))
         finally:
             await page.close()
     return seen
@@ -166,10 +183,10 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
 def test_browser_box_click_save(chromium, web_server, tmp_path):
     from ENSAMSegmentLib.imageio import read_segmentation_nrrd
 
-    url, out_dir, log_path = web_server
+    out_dir, log_path = web_server.out_dir, web_server.log_path
     started = time.monotonic()
     try:
-        seen = asyncio.run(_browse(chromium, url, tmp_path))
+        seen = asyncio.run(_browse(chromium, web_server.url, tmp_path))
     except Exception as error:
         raise AssertionError(f"{error}\n-- server log --\n{_log_tail(log_path)}") from error
     print(f"browser session: {time.monotonic() - started:.1f} s; screenshot: {tmp_path / 'ensam-web.png'}")
@@ -196,5 +213,9 @@ def test_browser_box_click_save(chromium, web_server, tmp_path):
     assert [p.name for p in seen["downloads"]] == ["phantom-ensam.seg.nrrd"]
     assert seen["downloads"][0].read_bytes() == saved.read_bytes()
 
+    assert _voxels(seen["after_undo"]) == _voxels(seen["after_box"][2])
+    assert seen["after_next"] == "ENSAM 2: 0 voxels (0 mL), 2 segment(s)"
+
     png = seen["screenshot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert web_server.stop() == 0, f"Ctrl+C did not stop the server cleanly:\n{_log_tail(log_path)}"

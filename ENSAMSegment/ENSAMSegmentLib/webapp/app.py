@@ -247,5 +247,10 @@ class ENSAMWebApp:
 
 
 def serve(app: ENSAMWebApp, host: str = "127.0.0.1", port: int = 8080, open_browser: bool = False) -> None:
-    """Run the web server until interrupted (no idle timeout)."""
-    app.server.start(host=host, port=port, open_browser=open_browser, timeout=0, show_connection_info=False)
+    """Run the web server until Ctrl+C or SIGTERM (no idle timeout); then return normally."""
+    from aiohttp.web_runner import GracefulExit
+
+    try:
+        app.server.start(host=host, port=port, open_browser=open_browser, timeout=0, show_connection_info=False)
+    except GracefulExit:  # how aiohttp (under wslink) stops on SIGINT / SIGTERM
+        pass
