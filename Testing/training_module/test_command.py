@@ -1,0 +1,153 @@
+"""Command lines for Slicer's Python, the checks before a run starts, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ENSAMTrainingLib.slicerlogic import command, runs
+from ENSAMTrainingLib.slicerlogic.command import SetupError, TrainSettings
+
+
+def test_constants_agree_with_the_training_code():
+    from ENSAMTrainingLib import trainer
+    from ENSAMTrainingLib.data import DEFAULT_VOXEL_BUDGET
+    from ENSAMTrainingLib.slicerlogic import process
+
+    assert command.DEFAULT_VOXEL_BUDGET == DEFAULT_VOXEL_BUDGET
+    assert command.DEFAULT_EPOCHS == trainer.TrainConfig.epochs
+    assert process.EXIT_INTERRUPTED == trainer.EXIT_INTERRUPTED
+
+
+def test_train_command_parses_as_ensam_train(tmp_path):
+    """The argv is one `ensam train` accepts, with absolute paths and the module's fixed flags."""
+    from ENSAMSegmentLib.cli.main import build_parser
+
+    settings = TrainSettings(data=Path("data"), run_dir=tmp_path / "run", cases=Path("cases.txt"), epochs=3,
+                             voxel_budget=65536, device="cpu", init_model=Path("start.pt"),
+                             options={"workers": 0, "no-augment": True, "model-config": {"heads": 2}, "seed": None})
+    cmd = command.train_command(settings, python="PY")
+    assert cmd.argv[:4] == ["PY", "-m", "ENSAMSegmentLib.cli.main", "train"]
+    args = build_parser().parse_args(cmd.argv[3:])
+    assert args.out == str(tmp_path / "run") and args.data == str(Path("data").resolve())
+    assert args.cases == str(Path("cases.txt").resolve()) and args.init_model == str(Path("start.pt").resolve())
+    assert (args.epochs, args.voxel_budget, args.device, args.workers) == (3, 65536, "cpu", 0)
+    assert args.augment is False and args.progress_bar is False and args.model_config == {"heads": 2}
+    assert args.seed is None and not args.resume
+    assert args.progress_json == str(cmd.progress_path) and cmd.progress_path == tmp_path / "run" / "progress.jsonl"
+    assert cmd.log_path == tmp_path / "run" / "train.log" and not cmd.resume
+
+
+def test_resume_command(tmp_path):
+    from ENSAMSegmentLib.cli.main import build_parser
+
+    with pytest.raises(SetupError, match="no checkpoint.pt"):
+        command.resume_command(tmp_path, python="PY")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    cmd = command.resume_command(tmp_path, python="PY", device="cuda", options={"epochs": 20})
+    args = build_parser().parse_args(cmd.argv[3:])
+    assert args.resume and args.out == str(tmp_path) and args.device == "cuda" and args.epochs == 20
+    assert cmd.resume and args.progress_json == str(tmp_path / "progress.jsonl")
+
+
+def test_bad_numbers_are_refused(tmp_path):
+    with pytest.raises(SetupError, match="epochs"):
+        command.train_command(TrainSettings(Path("d"), tmp_path, epochs=0))
+    with pytest.raises(SetupError, match="voxel budget"):
+        command.train_command(TrainSettings(Path("d"), tmp_path, voxel_budget=100))
+    with pytest.raises(SetupError, match="fraction"):
+        command.coreset_command(Path("d"), tmp_path / "c.txt", fraction=0)
+    with pytest.raises(SetupError, match="maximum"):
+        command.coreset_command(Path("d"), tmp_path / "c.txt", max_cases=0)
+
+
+def test_coreset_command(tmp_path):
+    from ENSAMSegmentLib.cli.main import build_parser
+
+    cmd = command.coreset_command(Path("d"), tmp_path / "sel" / "cases.txt", 0.25, 40, ["CT_*", "MR/Brain"], python="PY")
+    args = build_parser().parse_args(cmd.argv[3:])
+    assert (args.fraction, args.max_cases, args.exclude, args.output) == (0.25, 40, ["CT_*", "MR/Brain"], str(cmd.list_path))
+    assert cmd.report_path == tmp_path / "sel" / "cases.report.json" and cmd.log_path == tmp_path / "sel" / "cases.log"
+    assert command.parse_exclude(" CT_Liver, MR/*  US,, ") == ["CT_Liver", "MR/*", "US"]
+
+
+def test_child_environment_finds_the_packages_without_site_packages():
+    """PythonSlicer does not see the extension's module folders: PYTHONPATH must carry them."""
+    env = command.child_environment({"PATH": os.environ.get("PATH", ""), "PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/elsewhere" and env["PYTHONUNBUFFERED"] == "1"
+    code = ("import ENSAMTrainingLib.slicerlogic.progressparser as p, ENSAMSegmentLib as s; "
+            "print(p.__file__); print(s.__file__)")
+    result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True)  # -S: no .pth
+    assert result.returncode == 0, result.stderr
+    files = result.stdout.split()
+    assert files[0].endswith(str(Path("ENSAMTraining/ENSAMTrainingLib/slicerlogic/progressparser.py")))
+    assert files[1].endswith(str(Path("ENSAMSegment/ENSAMSegmentLib/__init__.py")))
+    assert command.python_executable() == sys.executable  # outside Slicer (no slicer.app)
+
+
+def test_coreset_problem():
+    def report(selected, target, excluded=()):
+        return {"selected": sum(selected.values()), "target": target,
+                "datasets": [{"dataset": d, "found": 3, "selected": n, "excluded": d in excluded} for d, n in selected.items()]}
+
+    assert command.coreset_problem(report({"A": 1, "B": 1}, 2)) == ""
+    problem = command.coreset_problem(report({"A": 1, "B": 0, "C": 0}, 1))
+    assert "smaller than one case per dataset (3 datasets; none from B, C)" in problem
+    assert command.coreset_problem(report({"A": 1, "B": 0}, 1, excluded={"B"})) == ""  # left out on purpose
+    assert "empty" in command.coreset_problem(report({"A": 0}, 1))
+    assert command.coreset_problem(report({"A": 2, "B": 0}, 4)) == ""  # B had no usable case: not a size problem
+
+
+def test_check_data_folder(tmp_path, tiny_data):
+    summary = command.check_data_folder(tiny_data)
+    assert summary.cases == 2 and summary.unlabelled == 0 and summary.describe() == "2 cases in 2 dataset(s)"
+    assert summary.datasets == {"CT_Phantom": 1, "MR_Phantom": 1}
+    for bad, message in [(None, "choose the folder"), ("", "choose the folder"), (Path("."), "choose the folder"),
+                         (tmp_path / "missing", "does not exist"), (tiny_data / "CT_Phantom_0000.npz", "is a file")]:
+        with pytest.raises(SetupError, match=message):
+            command.check_data_folder(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SetupError, match="no training cases"):
+        command.check_data_folder(tmp_path / "empty")
+
+
+def test_check_device():
+    import torch
+
+    assert command.check_device("cpu") == "cpu"
+    assert command.check_device("auto") in ("cpu", "cuda:0")
+    with pytest.raises(SetupError, match="cuda:99"):
+        command.check_device("cuda:99")
+    with pytest.raises(SetupError, match="unknown device"):
+        command.check_device("tpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(SetupError, match="mps"):
+            command.check_device("mps")
+
+
+def test_run_folders(tmp_path):
+    first = runs.new_folder(tmp_path, "run", now=0)
+    assert first.parent == tmp_path and first.name == "run-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(0))
+    first.mkdir()
+    second = runs.new_folder(tmp_path, "run", now=0)
+    assert second.name == first.name + "-2" and not second.exists()
+    assert runs.run_status(first) == runs.EMPTY and runs.latest_resumable(tmp_path) is None
+    second.mkdir()
+    (first / "checkpoint.pt").write_bytes(b"")
+    (second / "checkpoint.pt").write_bytes(b"")
+    os.utime(first / "checkpoint.pt", (1, 1))
+    assert runs.run_status(second) == runs.RESUMABLE and runs.latest_resumable(tmp_path) == second
+    (second / "model.pt").write_bytes(b"")
+    assert runs.run_status(second) == runs.FINISHED and runs.latest_resumable(tmp_path) == first
+    assert runs.latest_resumable(tmp_path / "missing") is None
+
+
+def test_flags_are_json_for_structures():
+    assert command._flags({"a": 1, "b": True, "c": False, "d": None, "e": [1, 2], "f": {"x": 1}}) == [
+        "--a", "1", "--b", "--e", json.dumps([1, 2]), "--f", json.dumps({"x": 1})]

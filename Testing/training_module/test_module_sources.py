@@ -1,0 +1,95 @@
+"""What can be checked here of the ENSAMTraining Slicer module (the Slicer app cannot run here): the
+source parses and uses only widget names its .ui defines; the parameter node's fields match the .ui's
+SlicerParameterName widgets through connectors Slicer's parameterNodeWrapper has; the self-test runs
+the shared scenarios; nothing the module loads at start-up imports torch."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "ENSAMTraining" / "ENSAMTraining.py"
+UI = ROOT / "ENSAMTraining" / "Resources" / "UI" / "ENSAMTraining.ui"
+
+
+def widgets() -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ET.parse(UI).getroot().iter("widget")}
+
+
+def parameter_widgets() -> dict[str, str]:
+    out = {}
+    for widget in ET.parse(UI).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out[prop.find("string").text] = widget.get("class")
+    return out
+
+
+def class_body(name: str) -> list[ast.stmt]:
+    tree = ast.parse(MODULE.read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name).body
+
+
+def test_every_ui_name_the_module_uses_exists():
+    used = set(re.findall(r"\bui\.(\w+)", MODULE.read_text()))
+    assert {"startButton", "stopButton", "resumeButton", "progressBar", "metricsTableView"} <= used
+    missing = sorted(used - set(widgets()))
+    assert not missing, f"ENSAMTraining.py uses names that ENSAMTraining.ui lacks: {missing}"
+
+
+def test_parameter_node_fields_match_ui_connectors():
+    """Slicer's guiConnectors.py matches exact widget classes to field types."""
+    fields = {n.target.id: ast.unparse(n.annotation) for n in class_body("ENSAMTrainingParameterNode")
+              if isinstance(n, ast.AnnAssign)}
+    connectable = {
+        "ctkPathLineEdit": lambda t: t == "Path",
+        "QDoubleSpinBox": lambda t: t.startswith("Annotated[float"),
+        "QSpinBox": lambda t: t.startswith("Annotated[int, WithinRange("),  # unbounded spin boxes misbehave
+        "QLineEdit": lambda t: t == "str",
+        "QCheckBox": lambda t: t == "bool",
+        "QComboBox": lambda t: t.startswith("Annotated[str, Choice("),
+    }
+    parameters = parameter_widgets()
+    assert set(parameters) == set(fields), (set(parameters) ^ set(fields))
+    for name, widget_class in parameters.items():
+        assert connectable[widget_class](fields[name]), (name, widget_class, fields[name])
+
+
+def test_devices_agree_with_ensamsegment():
+    from ENSAMSegmentLib.promptcontroller import DEVICES
+
+    tree = ast.parse(MODULE.read_text())
+    value = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "DEVICES")
+    assert ast.literal_eval(value) == DEVICES
+
+
+def test_self_test_runs_the_shared_scenarios_and_is_registered():
+    text = MODULE.read_text()
+    assert "from ENSAMTrainingLib.slicerlogic.scenarios import SCENARIOS" in text
+    assert "scenario(slicer.mrmlScene, Path(work))" in text
+    methods = {f.name for f in class_body("ENSAMTrainingTest") if isinstance(f, ast.FunctionDef)}
+    assert {"runTest", "test_logic_scenarios", "test_module_widget"} <= methods
+    cmake = (ROOT / "ENSAMTraining" / "CMakeLists.txt").read_text()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
+
+
+def test_close_guard_and_cleanup_stop_the_run():
+    text = MODULE.read_text()
+    assert "installEventFilter(self.closeGuard)" in text and 'slicer.app.connect("aboutToQuit()"' in text
+    assert "qt.QEvent.Close" in text and "event.ignore()" in text
+    cleanup = ast.unparse(next(f for f in class_body("ENSAMTrainingWidget")
+                               if isinstance(f, ast.FunctionDef) and f.name == "cleanup"))
+    assert "stop_and_wait" in cleanup and "removeEventFilter" in cleanup
+
+
+def test_module_logic_imports_without_torch():
+    """The module imports these when it loads, before torch may be installed."""
+    code = ("import sys; import ENSAMTrainingLib.slicerlogic.controller, ENSAMTrainingLib.slicerlogic.command; "
+            "bad = {'torch', 'monai', 'qt'} & set(sys.modules); assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
