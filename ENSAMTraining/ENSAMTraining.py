@@ -181,9 +181,13 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- actions ------------------------------------------------------------------------------------
 
     def _run(self, action, *args):
-        """Call a logic action; a refusal is shown to the user, then the GUI follows the new state."""
+        """Call a logic action; a refusal is shown to the user, then the GUI follows the new state.
+        torch, MONAI and scipy are installed first (after asking) when they are missing."""
+        from ENSAMSegmentLib import dependencies
         from ENSAMTrainingLib.slicerlogic.controller import USER_ERRORS
 
+        if not dependencies.ensure_dependencies():
+            return None
         try:
             result = action(*args)
         except USER_ERRORS as error:
@@ -308,8 +312,12 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeDataFolder(path):
+        """What the folder holds, or why it cannot be trained on ("" before torch is installed)."""
+        from ENSAMSegmentLib import dependencies
         from ENSAMTrainingLib.slicerlogic.command import SetupError, check_data_folder
 
+        if not dependencies.current_plan().satisfied:
+            return ""
         try:
             return check_data_folder(path).describe()
         except SetupError as error:
@@ -436,7 +444,7 @@ class ENSAMTrainingTest(ScriptedLoadableModuleTest):
             ui.selectCoresetButton.click()
             self.assertTrue(wait_until(lambda: not controller.busy, 300, poll=self._processEvents))
             self.assertEqual(controller.coreset.report["selected"], 3, controller.message)
-            self.assertEqual(ui.coresetDatasetsTableView.mrmlTableNode().GetNumberOfRows(), 1)
+            self.assertEqual(ui.coresetDatasetsTableView.mrmlTableNode().GetNumberOfRows(), 2)  # CT_Phantom, MR_Phantom
 
             widget.logic.extraOptions = dict(FAST)
             ui.startButton.click()

@@ -105,15 +105,21 @@ class TrainingController:
         command = coreset_command(summary.folder, folder / "cases.txt", fraction, max_cases, list(exclude), seed,
                                   python=self.python)
         job = BackgroundCommand(command.argv, command.log_path, command.env)
+        _start_child(job)
         self.coreset = CoresetSelection(summary.folder, folder, job, command.list_path, command.report_path)
-        job.start()
         self.message = f"Selecting a coreset of {summary.describe()}..."
         return self.coreset
 
     def _finish_coreset(self) -> None:
         selection, job = self.coreset, self.coreset.job
-        if job.returncode == 0 and selection.report_path.is_file():
-            selection.report = json.loads(selection.report_path.read_text(encoding="utf-8"))
+        report = None
+        if job.returncode == 0:
+            try:
+                report = json.loads(selection.report_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                job.log_lines.append(f"error: cannot read the coreset report {selection.report_path}: {error}")
+        if report is not None:
+            selection.report = report
             selection.problem = coreset_problem(selection.report)
             coreset_tables(self.scene, selection.report)
             r = selection.report
@@ -139,10 +145,7 @@ class TrainingController:
         check_data_folder(settings.data)
         check_device(settings.device)
         if settings.init_model is not None:
-            try:
-                check_model_file(settings.init_model)
-            except ModelInstallError as error:
-                raise SetupError(f"cannot fine-tune this model: {error}") from None
+            _check_start_model(settings.init_model)
         if settings.cases is not None and self.coreset is not None and settings.cases == self.coreset.list_path:
             if not self.coreset.usable:
                 raise SetupError(f"cannot train on this coreset: {self.coreset.problem or self.coreset.error}")
@@ -164,11 +167,12 @@ class TrainingController:
         return self._start(resume_command(Path(run_dir), python=self.python, device=device, options=options))
 
     def _start(self, command) -> TrainingProcess:
+        process = TrainingProcess(command)
+        _start_child(process)
+        self.training = process
         self.views.clear()
         self._events_shown = -1
-        self.training = TrainingProcess(command)
-        self.training.start()
-        self.message = self.training.message
+        self.message = process.message
         return self.training
 
     def train_on_scene(self, output, init_model, epochs: int = 3, device: str = "auto",
@@ -181,6 +185,7 @@ class TrainingController:
         self._check_idle()
         if init_model is None:
             raise SetupError("choose the model to fine-tune")
+        _check_start_model(init_model)
         check_device(device)
         output = _output(output)
         self.scene_export = export_scene(self.scene, runs.new_folder(output, "scene"), dataset, modality, pairs=pairs)
@@ -232,6 +237,20 @@ class TrainingController:
         path = install_model(self.finished_model, name, self.models_folder)
         self.message = f"Installed {path.name}: ENSAM Segment offers it as '{path.stem}'."
         return path
+
+
+def _check_start_model(path) -> None:
+    try:
+        check_model_file(path)
+    except ModelInstallError as error:
+        raise SetupError(f"cannot fine-tune this model: {error}") from None
+
+
+def _start_child(job: BackgroundCommand) -> None:
+    try:
+        job.start()
+    except OSError as error:  # no interpreter, or the output folder cannot be written
+        raise SetupError(f"cannot start {' '.join(job.argv[:4])}: {error}") from None
 
 
 def _output(output) -> Path:

@@ -31,7 +31,6 @@ from .command import TrainCommand
 from .progressparser import FAILED, FINISHED, INTERRUPTED, STOPPED, WAITING, ProgressParser
 
 STOPPING = "stopping"
-EXIT_BAD_INPUT = 2  # cli_commands: bad input (one line on stderr, an "error" event)
 EXIT_INTERRUPTED = 3  # = ENSAMTrainingLib.trainer.EXIT_INTERRUPTED (that module imports torch)
 LOG_LINES_KEPT = 2000
 
@@ -117,9 +116,10 @@ class BackgroundCommand:
 
     def read_log(self) -> list[str]:
         """Complete log lines added since the last call (the last unfinished one waits, unless the process ended)."""
+        ended = self.process is not None and self.process.poll() is not None  # before reading: all is written
         lines = (self._partial_log + self._log.read()).split("\n")
         self._partial_log = lines.pop()
-        if self._partial_log and self.process is not None and self.process.poll() is not None:
+        if self._partial_log and ended:
             lines.append(self._partial_log)
             self._partial_log = ""
         lines = [line.rstrip("\r") for line in lines]
