@@ -124,8 +124,7 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            wake=self.panel.wake, on_change=self.onControllerChanged)
         self.panel.set_controller(self.controller)
 
-        for label, path in model_choices():
-            ui.modelComboBox.addItem(label, str(path))
+        self.refreshModelChoices()
         ui.modelComboBox.connect("activated(int)", self.onModelChosen)
         ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         ui.installDependenciesButton.connect("clicked()", self.onInstallDependencies)
@@ -141,7 +140,18 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.controller is not None:
             self.controller.cleanup()
 
+    def refreshModelChoices(self):
+        """List the default model and the models in ~/.ensam/models (ENSAM Training installs there)."""
+        combo = self.ui.modelComboBox
+        current = combo.currentData
+        combo.clear()
+        for label, path in model_choices():
+            combo.addItem(label, str(path))
+        index = combo.findData(current) if current else -1
+        combo.setCurrentIndex(max(index, 0))
+
     def enter(self):
+        self.refreshModelChoices()  # a model trained since the last visit appears at once
         self.initializeParameterNode()
         self.panel.install_shortcuts()
 

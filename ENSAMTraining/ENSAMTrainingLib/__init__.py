@@ -1,14 +1,9 @@
-"""ENSAMTrainingLib: datasets, coreset selection and training of ENSAM (core layer, no Slicer).
+"""ENSAMTrainingLib: datasets, coreset selection and training of ENSAM.
 
-    data.py        finding cases (challenge .npz trees, image/label pairs), loading, one sample per case
-    coreset.py     `ensam coreset`: equal counts per dataset, bad cases skipped with reasons
-    step.py        the training step: box + 5 clicks simulated from the model's own prediction
-    loss.py        generalized Dice + 2 x BCE
-    optim.py       Muon (any ndim >= 2, flattened) + AdamW, parameter split, lr schedule
-    trainer.py     `ensam train`: loop, checkpoints, exact resume, signals, DistributedDataParallel
-    validation.py  challenge metrics on held-out cases each epoch
-    progress.py    the JSON-lines progress stream (documented there) for the Slicer module
-    checkpoint.py, distributed.py, logs.py, plots.py   the trainer's helpers
-    bench.py       `ensam train-bench`: the paper's ablation and training throughput
-    cli_commands.py  registers train, coreset and train-bench with the `ensam` tool
+Layers (imports point down only):
+  core        data, coreset, optim, loss, step, trainer, validation, checkpoint, progress, ... (no Slicer)
+  MRML logic  slicerlogic/ (training command lines, progress parsing, MRML table/plot views,
+              scene export; Slicer's MRML API, no Qt)
+  front-ends  cli_commands (`ensam train`, `ensam coreset`, `ensam train-bench`); the Slicer
+              widget lives in ENSAMTraining.py
 """
