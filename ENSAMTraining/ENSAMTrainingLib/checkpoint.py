@@ -4,7 +4,7 @@ A checkpoint is a dict saved with torch.save (loadable with ``weights_only=True`
 ``format`` ("ensam-train-checkpoint"), ``version``, ``config`` (the run's TrainConfig as a
 dict), ``model_config`` (ENSAMConfig.to_dict()), ``model`` (state dict), ``optimizers``
 (list of state dicts), ``epoch`` (0-based, the epoch in progress), ``position`` (samples of
-that epoch this rank has trained), ``step`` (optimizer steps done), ``samples`` (samples trained, all ranks), ``rng`` (python, numpy,
+that epoch this rank has trained), ``step`` (optimizer steps done), ``world_size`` (processes; ``position`` counts per process), ``samples`` (samples trained, all ranks), ``rng`` (python, numpy,
 torch and CUDA generator states), ``elapsed_s``, ``epoch_loss`` ([sum, count] of the epoch
 so far), ``last_val`` (latest validation metrics or None).
 Checkpoints are only taken between optimizer steps, so no gradient is ever half-accumulated.

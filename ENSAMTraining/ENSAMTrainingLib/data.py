@@ -220,11 +220,18 @@ def find_cases(root: str | Path) -> list[CaseRef]:
     return sorted(cases, key=lambda c: str(c.image))
 
 
+def _relative(path: Path, root: str | Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # outside the data folder: keep it absolute
+        return path.resolve().as_posix()
+
+
 def case_key(ref: CaseRef, root: str | Path) -> str:
     """The line of a case list: the image path relative to root (tab, label path for pairs)."""
-    image = ref.image.relative_to(root).as_posix()
+    image = _relative(ref.image, root)
     if ref.kind == "pair" and ref.label is not None:
-        return f"{image}\t{ref.label.relative_to(root).as_posix()}"
+        return f"{image}\t{_relative(ref.label, root)}"
     return image
 
 

@@ -283,6 +283,12 @@ class Trainer:
         )
 
     def _restore(self, state: dict) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.info.world_size and state["position"] != 0:
+            raise TrainingError(
+                f"this checkpoint was taken mid-epoch by {saved_world} process(es): resume it with "
+                f"{saved_world} (here {self.info.world_size}); an epoch-end checkpoint can resume with any number"
+            )
         self.model.load_state_dict(state["model"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
@@ -301,6 +307,7 @@ class Trainer:
             epoch=self.epoch,
             position=self.position,
             step=self.step,
+            world_size=self.info.world_size,
             rng=rng_state(),
             elapsed_s=self.elapsed_before + self.train_time,
             samples=self.samples_before + self.samples_run * self.info.world_size,
