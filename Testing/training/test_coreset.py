@@ -93,7 +93,7 @@ def test_selection_counts_and_report(collection, tmp_path):
 
 def test_max_seed_and_warnings(collection):
     a = select_coreset(collection, fraction=1.0, max_cases=3, seed=1, exclude=["nothing*"])
-    b = select_coreset(collection, fraction=1.0, max_cases=3, seed=1)
+    b = select_coreset(collection, fraction=1.0, max_cases=3, seed=1, workers=2)  # checks in 2 processes
     assert len(a.selected) == 3 and [c.image for c in a.selected] == [c.image for c in b.selected]
     assert {c.dataset for c in a.selected} <= {"A", "B", "C", "D"} and len({c.dataset for c in a.selected}) == 3
     assert any("matches no dataset" in w for w in a.warnings)
