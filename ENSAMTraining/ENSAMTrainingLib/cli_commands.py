@@ -100,6 +100,9 @@ def run_train(args) -> int:
         model_config = dict(given.pop("model_config", {}) or {})
         model_config["position_encoding"] = given.pop("position_encoding")
         given["model_config"] = model_config
+    if given.get("init_model") and given.get("model_config"):
+        print("ensam train: the architecture comes from --init-model; ignoring --model-config/--position-encoding",
+              file=sys.stderr)
     progress = ProgressStream(args.progress_json if _rank() == 0 else None)
     try:
         if args.resume:
