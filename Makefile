@@ -8,10 +8,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ensam-setup-done
 OUTDIR ?= demo-output
+# No trained weights ship yet: setup writes a deterministic, clearly labelled untrained model here
+# (git-ignored), so that every front-end runs end to end. Replace it with a trained model file.
+DEFAULT_MODEL := ENSAMSegment/Resources/Models/ensam-default.pt
 
 .PHONY: setup demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(DEFAULT_MODEL)
+
+$(DEFAULT_MODEL): | $(STAMP)
+	$(PY) -c "from ENSAMSegmentLib.modelfile import create_untrained_model_file as c; print('wrote untrained default model', c('$@', seed=0))"
 
 $(STAMP): pyproject.toml .ci/constraints.txt .ci/install-system-packages Makefile
 	bash .ci/install-system-packages
