@@ -96,6 +96,13 @@ def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | N
         "metrics": _plain(dict(metrics or {}), "metrics"),
         "notes": str(notes),
     }
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload, path) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader
+    never sees a half-written file, and a failed save leaves the previous file and no temporary."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

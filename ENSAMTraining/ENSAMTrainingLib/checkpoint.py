@@ -12,9 +12,7 @@ Checkpoints are only taken between optimizer steps, so no gradient is ever half-
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +58,9 @@ def _as_tuple(value):
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from ENSAMSegmentLib.modelfile import atomic_torch_save
+
+    return atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
