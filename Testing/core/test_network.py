@@ -21,13 +21,7 @@ from ENSAMSegmentLib.network.prompts import grid_positions, voxel_to_position
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run faster on one thread (and suffer less from a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/core/conftest.py
 
 
 def small_model(seed=0, **overrides) -> ENSAM:

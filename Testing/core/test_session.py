@@ -23,12 +23,7 @@ SHAPE = (32, 48, 48)
 BOX = ((6, 10, 12), (22, 34, 36))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/core/conftest.py
 
 
 def small_model(seed=0) -> ENSAM:

@@ -18,23 +18,23 @@ import numpy as np
 from ENSAMSegmentLib.cli.main import UserError
 
 
-def _triple(text: str) -> tuple[float, float, float]:
+def _numbers(text: str, count: int, form: str) -> tuple[float, ...]:
+    """`count` comma-separated numbers, or an argparse error naming the expected form."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+        values = ()
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
     return values
 
 
+def _triple(text: str) -> tuple[float, float, float]:
+    return _numbers(text, 3, "three comma-separated numbers")
+
+
 def _box(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers, got {text!r}") from None
-    if len(values) != 6:
-        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers z0,y0,x0,z1,y1,x1, got {text!r}")
+    values = _numbers(text, 6, "six comma-separated numbers z0,y0,x0,z1,y1,x1")
     return values[:3], values[3:]
 
 
