@@ -77,6 +77,7 @@ from .session_region import (
     Grid, MaskCrop, Placed, Slices, box_grid, changed_region, decode_region, grid_input, image_logits,
     intersect, pool_factors, resample, shift, union, whole_grid,
 )
+from .session_window import click_window, grow_window, patched_block
 
 TRAINING_VOXEL_BUDGET = 4_194_304
 
@@ -130,7 +131,8 @@ class SegmentationUpdate:
     mask: the object's new boolean mask, full image (z, y, x). changed: 3 slices bounding every voxel
     whose mask value changed (None: nothing changed). logits_region: the image slices where this step
     computed logits (None for undo/reset). seconds: worker time of the request; timings: its parts.
-    step: the object's number of steps after the update (0 = empty).
+    step: the object's number of steps after the update (0 = empty). decoding: "whole" grid, box
+    "region" or click "window" (see the module docstring).
     """
 
     object_id: int
@@ -140,6 +142,7 @@ class SegmentationUpdate:
     seconds: float
     timings: dict = field(default_factory=dict)
     step: int = 0
+    decoding: str = ""  # how logits were computed: "whole", "region", "window" ("" for undo/reset)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class _Step:
     grid: Grid | None = None
     fill: float = 0.0  # stand-in logit beyond `logits` when fed back to a larger grid
     mask: MaskCrop = MaskCrop()
+    norms: dict | None = field(default=None, compare=False)  # decoder statistics clicks reuse (windows)
 
 
 _EMPTY = _Step()
@@ -303,7 +307,8 @@ class InferenceSession:
                  voxel_budget: int = 8_388_608, global_voxel_budget: int = TRAINING_VOXEL_BUDGET,
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = 8, max_image_voxels: int = 2**30, max_undo: int | None = 32,
-                 max_cached_regions: int = 2, empty_object_margin: float = 1.0):
+                 max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int = 32,
+                 click_window_growth: int = 1, click_window_min_change: float = 0.02):
         if max_undo is not None and max_undo < 1:
             raise ValueError(f"max_undo must be >= 1 or None (unlimited), got {max_undo}")
         if not 512 <= global_voxel_budget <= voxel_budget:
@@ -320,6 +325,11 @@ class InferenceSession:
         self.full_decode_fraction, self.max_pool_factor = float(full_decode_fraction), int(max_pool_factor)
         self.max_image_voxels, self.max_undo = int(max_image_voxels), max_undo
         self.max_cached_regions, self.empty_object_margin = int(max_cached_regions), float(empty_object_margin)
+        if click_window < 0 or click_window_growth < 0 or not 0 <= click_window_min_change <= 1:
+            raise ValueError("need click_window >= 0 (0: no local decoding), click_window_growth >= 0 and "
+                             "0 <= click_window_min_change <= 1")
+        self.click_window, self.click_window_growth = int(click_window), int(click_window_growth)
+        self.click_window_min_change = float(click_window_min_change)
         self.encoder_runs = 0  # number of encoder passes so far (diagnostics and tests)
 
         self._lock = threading.RLock()
@@ -341,12 +351,13 @@ class InferenceSession:
         if model is not None:  # an in-memory model (moved to the session's device)
             info = ModelInfo(path=None, config=model.config, training_data="in-memory model (no file)",
                              parameters=sum(p.numel() for p in model.parameters()))
-            return model.to(self.device).eval(), info
+            return devices.prepare_model(model, self.device, self.amp_dtype), info
 
         try:
-            return load_model(model_path or default_model_path(), self.device)
+            model, info = load_model(model_path or default_model_path(), self.device)
         except ModelFileError as error:
             raise ModelLoadError(str(error)) from None
+        return devices.prepare_model(model, self.device, self.amp_dtype), info
 
     # ----------------------------------------------------------------------------- properties
 
@@ -662,7 +673,7 @@ class InferenceSession:
         if grid in self._cache:
             self._cache[grid] = self._cache.pop(grid)  # most recently used last
             return self._cache[grid]
-        x = grid_input(volume, grid).to(self.device)
+        x = devices.prepare_input(grid_input(volume, grid), self.device, self.amp_dtype)
         with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
             embedding = self.model.encode(x)
         del x
@@ -689,23 +700,29 @@ class InferenceSession:
         t0 = time.perf_counter()
         embedding = self._embedding(image.volume, grid, image.main)
         t1 = time.perf_counter()
-        region = None
-        if prompts.box is not None:
-            region = decode_region(grid, *prompts.bounds(), self.decode_margin, self.full_decode_fraction)
-        logits = self._decode(embedding, grid, prompts, previous, region)
+        clicks = [p[1] for p in request.prompts if p[0] == "click"]
+        if self._decodes_locally(grid, previous, clicks):
+            region, logits, decoding = *self._decode_window(embedding, grid, prompts, previous, clicks), "window"
+            norms = previous.norms
+        else:
+            region, norms = None, {}
+            if prompts.box is not None:
+                region = decode_region(grid, *prompts.bounds(), self.decode_margin, self.full_decode_fraction)
+            logits = self._decode(embedding, grid, prompts, previous, region, norms)
+            decoding = "whole" if region is None else "region"
         t2 = time.perf_counter()
 
         placed = grid.placed(logits, region)
         extent, values = image_logits(placed, image.shape)
         mask = MaskCrop.from_region(extent, values > 0)
-        step = _Step(prompts, placed, grid, min(0.0, placed.border_median()), mask)
+        step = _Step(prompts, placed, grid, min(0.0, placed.border_median()), mask, norms)
         changed = changed_region(current.mask, mask)
         obj = self._commit(request, image, lambda history: history.append(step))
         end = time.perf_counter()
         timings = {"queue": start - request.submitted, "encode": t1 - t0, "decode": t2 - t1,
                    "postprocess": end - t2, "total": end - start}
         return SegmentationUpdate(obj.id, mask.full(image.shape), changed, extent, end - start, timings,
-                                  len(obj.history) - 1)
+                                  len(obj.history) - 1, decoding)
 
     def _checked_state(self, request: _Request) -> tuple[_Image, _Step]:
         with self._lock:
@@ -735,19 +752,52 @@ class InferenceSession:
         return box_grid(image.shape, *prompts.bounds(), self.context_margin, self.voxel_budget)
 
     def _decode(self, embedding, grid: Grid, prompts: ObjectPrompts, previous: _Step | None,
-                region) -> torch.Tensor:
-        """One decoder call for one object -> float32 CPU logits [1, 1, *region or grid.padded]."""
+                region, norms: dict) -> torch.Tensor:
+        """One decoder call for one object -> float32 CPU logits [1, 1, *region or grid.padded];
+        the decoder's GroupNorm statistics go into `norms` (for later windowed clicks)."""
+        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
+            logits = self.model.decode(embedding, self._prompts(grid, prompts), self._prev_logits(grid, previous),
+                                       region, norms)
+        return logits.float().cpu()
+
+    def _decodes_locally(self, grid: Grid, previous: _Step | None, clicks: list) -> bool:
+        """Clicks added to an object decoded before on this grid: decode a window (session_window.py)."""
+        return bool(self.click_window and clicks and previous is not None and previous.grid == grid
+                    and previous.norms)
+
+    def _decode_window(self, embedding, grid: Grid, prompts: ObjectPrompts, previous: _Step,
+                       clicks: list) -> tuple[Slices, torch.Tensor]:
+        """Decode a window around the new clicks, growing it while the change reaches its faces ->
+        (grid region, float32 CPU logits over it): the previous logits with the window written in."""
+        window = click_window(grid, clicks, self.click_window)
+        half_cells = [math.ceil(self.click_window / f) for f in grid.factor]
+        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
+            x, skips = self.model.decoder_inputs(embedding, self._prompts(grid, prompts),
+                                                 self._prev_logits(grid, previous))
+            for rounds in range(self.click_window_growth + 1):
+                values = self.model.decoder.forward_window(x, skips, window, previous.norms).float().cpu()
+                old = resample(previous.logits, [g + s.start * f for g, s, f in zip(grid.origin, window, grid.factor)],
+                               grid.factor, values.shape[-3:], previous.fill, clip=False)
+                grown = grow_window(window, old[0, 0] > 0, values[0, 0] > 0, grid.padded, half_cells,
+                                    self.click_window_min_change)
+                if grown is None or rounds == self.click_window_growth:
+                    break
+                window = grown
+        return patched_block(grid, previous.logits, previous.fill, window, values)
+
+    def _prompts(self, grid: Grid, prompts: ObjectPrompts) -> Prompts:
         objects = {"fg": [grid.to_grid(p) for p in prompts.fg], "bg": [grid.to_grid(p) for p in prompts.bg]}
         if prompts.box is not None:
             objects["box"] = tuple(grid.to_grid(p) for p in prompts.box)
-        prev = None
-        if previous is not None:
-            # same grid: every value, padding included (as in training); another grid: image content only
-            prev = resample(previous.logits, grid.origin, grid.factor, grid.padded, previous.fill,
-                            clip=previous.grid != grid).to(self.device)
-        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
-            logits = self.model.decode(embedding, Prompts.from_objects([objects]).to(self.device), prev, region)
-        return logits.float().cpu()
+        return Prompts.from_objects([objects]).to(self.device)
+
+    def _prev_logits(self, grid: Grid, previous: _Step | None) -> torch.Tensor | None:
+        """The previous step's logits on the whole padded grid (fed back to the network), or None.
+        Same grid: every value, padding included (as in training); another grid: image content only."""
+        if previous is None:
+            return None
+        return resample(previous.logits, grid.origin, grid.factor, grid.padded, previous.fill,
+                        clip=previous.grid != grid).to(self.device)
 
     # ----------------------------------------------------------------------------- worker: undo, reset
 

@@ -46,11 +46,11 @@ class Recorder:
         self.threads.add(threading.get_ident())
         return self.encode(image)
 
-    def _decode(self, emb, prompts, prev_logits=None, region=None):
+    def _decode(self, emb, prompts, prev_logits=None, region=None, norms=None):
         self.threads.add(threading.get_ident())
         self.entered.set()
         self.gate.wait(30)
-        out = self.decode(emb, prompts, prev_logits, region)
+        out = self.decode(emb, prompts, prev_logits, region, norms)
         self.decodes.append({"prompts": prompts, "prev": None if prev_logits is None else prev_logits.clone(),
                              "region": region, "out": out.clone()})
         return out
@@ -64,8 +64,10 @@ def image():
 @pytest.fixture
 def recorded():
     recorder = Recorder(small_model())
-    # decode_margin 0: the box's decode region is a third of the image, so region decoding is exercised
-    with InferenceSession(model=recorder.model, device="cpu", decode_margin=0) as session:
+    # decode_margin 0: the box's decode region is a third of the image, so region decoding is exercised;
+    # click_window 0: clicks are decoded like boxes, every step through model.decode (windowed clicks:
+    # test_session_window.py)
+    with InferenceSession(model=recorder.model, device="cpu", decode_margin=0, click_window=0) as session:
         yield session, recorder
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .blocks import Decoder, Encoder
+from .blocks import Decoder, Encoder, Norms
 from .ngpt import Scale, TwoWayInteraction, renormalize_weights
 from .prompts import DOWNSAMPLING, PromptEncoder, Prompts, grid_positions
 
@@ -160,30 +160,54 @@ class ENSAM(nn.Module):
                                          image_key=("grid", grid))
         return InteractionState(tokens, image, grid)
 
-    def decode(self, emb: ImageEmbedding, prompts: Prompts, prev_logits=None, region=None) -> torch.Tensor:
+    def decode(self, emb: ImageEmbedding, prompts: Prompts, prev_logits=None, region=None,
+               norms: Norms | None = None) -> torch.Tensor:
         """-> logits [N, 1, D, H, W] (>0 = inside), or [N, 1, *region sizes] when `region` is given.
 
         region: 3 slices in input voxels (starts/stops multiples of 8). The interaction still runs over
         the whole bottleneck, but the decoder only sees the region plus `region_margin_cells` bottleneck
         cells around it (enough for the convolutions' receptive field). GroupNorm statistics then come
         from that crop, so region decoding approximates full decoding (exact when the crop is the
-        whole image).
+        whole image). norms: an empty dict receives the decoder's GroupNorm statistics of this pass
+        (for `decode_window`); a filled one is reused (blocks.group_norm).
         """
-        state = self.interact(emb, prompts, prev_logits)
-        n, c = state.image.shape[0], state.image.shape[-1]
-        x = (state.image * self.s_out().to(state.image.dtype)).transpose(1, 2).reshape(n, c, *state.grid)
-        skips = [_per_object(s, n, "skip") for s in emb.skips]
+        x, skips = self.decoder_inputs(emb, prompts, prev_logits)
         if region is None:
-            return self.decoder(x, skips)
+            return self.decoder(x, skips, norms)
         region = check_region(region, emb.shape)
         m = self.config.region_margin_cells
         cells = [(max(0, s.start // DOWNSAMPLING - m), min(g, s.stop // DOWNSAMPLING + m))
-                 for s, g in zip(region, state.grid)]
+                 for s, g in zip(region, x.shape[-3:])]
         x = x[_crop(cells, 1)]
         skips = [s[_crop(cells, DOWNSAMPLING >> i)] for i, s in enumerate(skips)]
-        logits = self.decoder(x, skips)
+        logits = self.decoder(x, skips, norms)
         offset = [s.start - lo * DOWNSAMPLING for s, (lo, _) in zip(region, cells)]
         return logits[(..., *(slice(o, o + s.stop - s.start) for o, s in zip(offset, region)))]
+
+    def decode_window(self, emb: ImageEmbedding, prompts: Prompts, prev_logits, window, norms: Norms):
+        """-> logits [N, 1, *window sizes]: what `decode(emb, prompts, prev_logits, norms=norms)` gives
+        over `window` (3 slices in input voxels, any alignment), at the decoder cost of the window.
+
+        The interaction runs over the whole bottleneck as always; the decoder reuses the GroupNorm
+        statistics `norms` of an earlier whole or region pass (an interactive click keeps those of
+        the object's last box), which makes it local, and computes only what the window needs
+        (Decoder.forward_window). Cost: a 64^3 window is about 1/32 of decoding 128x256x256.
+        """
+        if not norms:
+            raise ValueError("decode_window needs the GroupNorm statistics of an earlier decode (norms={} there)")
+        window = tuple(slice(*s.indices(n)[:2]) for s, n in zip(window, emb.shape))
+        if any(s.stop <= s.start for s in window):
+            raise ValueError(f"empty window {window} in an image of {emb.shape}")
+        x, skips = self.decoder_inputs(emb, prompts, prev_logits)
+        return self.decoder.forward_window(x, skips, window, norms)
+
+    def decoder_inputs(self, emb: ImageEmbedding, prompts: Prompts, prev_logits):
+        """The interaction's image embeddings, scaled and back on the grid [N, 8C, d, h, w], and the
+        skips expanded to N objects."""
+        state = self.interact(emb, prompts, prev_logits)
+        n, c = state.image.shape[0], state.image.shape[-1]
+        x = (state.image * self.s_out().to(state.image.dtype)).transpose(1, 2).reshape(n, c, *state.grid)
+        return x, [_per_object(s, n, "skip") for s in emb.skips]
 
     def forward(self, image: torch.Tensor, prompts: Prompts, prev_logits=None) -> torch.Tensor:
         return self.decode(self.encode(image), prompts, prev_logits)
