@@ -24,8 +24,12 @@ Statistics are the median and the 95th percentile (linear interpolation) of the 
 On CUDA every step ends with torch.cuda.synchronize(). Peak memory: the process's peak resident set
 size (a high-water mark, so it includes building the phantom), read after the ENSAM part and again
 after Grow from seeds; on CUDA also torch.cuda.max_memory_allocated.
-Timings do not depend on the weights: without a model file, an untrained model of the default
-architecture is used, and the report says so.
+Without a model file, an untrained model of the default architecture is used, and the report says so.
+The encoder, box and merge timings do not depend on the weights; a click's does, a little: it is
+decoded over a window around it (session_window.py), which grows when the mask changes on the window's
+faces, and an untrained model's noisy masks make it grow where a trained model's would not. The
+report lists how every measured click was decoded (`click_decoding`, `click_decode_regions`);
+`--click-window 0` measures clicks decoded over the whole box region instead.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ def bench_model(checkpoint=None) -> tuple[torch.nn.Module, dict]:
 def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: Clock, progress=print) -> dict:
     """Samples (seconds) of set_image, encoder, first box, clicks and merge, plus what the session did."""
     samples = {k: [] for k in ("set_image", "encoder", "box", "click", "click_decode", "merge")}
-    info = {}
+    info, decodings, regions = {}, [], []
     for i in range(warmup + repeats):
         image, runs = variant(scenario.image, i), session.encoder_runs
         start = time.perf_counter()
@@ -234,8 +238,11 @@ def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: C
                 samples[key].append(value)
             samples["click"] += [t for _, t in clicks]
             samples["click_decode"] += [u.timings["decode"] for u, _ in clicks]
+            decodings += [u.decoding for u, _ in clicks]
+            regions += [_sizes(u.logits_region) for u, _ in clicks]
         info = {"mode": report.mode, "grid_shape": list(report.grid_shape),
                 "box_decode_region": _sizes(box.logits_region), "click_decode_region": _sizes(clicks[-1][0].logits_region),
+                "click_decoding": decodings, "click_decode_regions": regions,
                 "labelled_voxels": int(np.count_nonzero(labels))}
         progress(f"ENSAM {_tag(i, warmup)}: encoder {encoder:.2f} s, box {t_box:.2f} s, clicks "
                  f"{', '.join(f'{t:.2f}' for _, t in clicks)} s, merge {t_merge:.2f} s")
@@ -280,7 +287,8 @@ def _tag(i: int, warmup: int) -> str:
 
 
 def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, warmup: int = 1,
-                  checkpoint=None, growcut: bool = True, progress=print) -> dict:
+                  checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
+                  click_window: int | None = None) -> dict:
     """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
     from . import __version__, devices
     from .session import InferenceSession
@@ -296,9 +304,14 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
     clock = Clock(torch_device)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats(torch_device)
-    with InferenceSession(model=model, device=torch_device) as session:
+    options = {} if click_window is None else {"click_window": click_window}
+    try:
+        session = InferenceSession(model=model, device=torch_device, precision=precision, **options)
+    except ValueError as error:  # SessionError included
+        raise BenchmarkError(str(error)) from None
+    with session:
         ensam = bench_ensam(session, scenario, repeats, warmup, clock, progress)
-        device_name = session.device_name
+        device_name, click_window = session.device_name, session.click_window
     peak_ensam = peak_rss_mb()
     cuda_peak = torch.cuda.max_memory_allocated(torch_device) / 2**20 if clock.cuda else None
     grow = bench_growcut(scenario, repeats, warmup, progress) if growcut else None
@@ -311,6 +324,8 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
         "clicks": [{"point": list(p), "foreground": fg} for p, fg in scenario.clicks],
         "repeats": repeats, "warmup": warmup, "mode": ensam["mode"], "grid_shape": ensam["grid_shape"],
         "box_decode_region": ensam["box_decode_region"], "click_decode_region": ensam["click_decode_region"],
+        "click_window": click_window, "click_decoding": ensam["click_decoding"],
+        "click_decode_regions": ensam["click_decode_regions"],
         "encoder_s": s["encoder"]["median"], "encoder_s_p95": s["encoder"]["p95"],
         "set_image_s_median": s["set_image"]["median"], "set_image_s_p95": s["set_image"]["p95"],
         "box_s_median": s["box"]["median"], "box_s_p95": s["box"]["p95"],
@@ -391,9 +406,12 @@ def format_report(r: dict) -> str:
         if r[median] is not None:
             lines.append(f"  {label:<46}{r[median]:>9.3f}s{r[p95]:>9.3f}s{len(r['samples'][key]):>5}")
     lines.append("")
-    if r["click_decode_region"]:
-        lines.append(f"  click decoded over {'x'.join(map(str, r['click_decode_region']))} voxels "
-                     f"(decoder {r['click_decode_s_median']:.3f} s of the click)")
+    if r["click_decode_regions"]:
+        kinds = {k: r["click_decoding"].count(k) for k in dict.fromkeys(r["click_decoding"])}
+        sizes = sorted(r["click_decode_regions"], key=math.prod)
+        lines.append(f"  clicks decoded: {', '.join(f'{n} by {k}' for k, n in kinds.items())} (click_window "
+                     f"{r['click_window']}); decoded {'x'.join(map(str, sizes[0]))} to "
+                     f"{'x'.join(map(str, sizes[-1]))} voxels (decoder {r['click_decode_s_median']:.3f} s median)")
     if r["click_vs_growcut_update"] is not None:
         lines += [f"  click / Grow-from-seeds update:                {r['click_vs_growcut_update']:.2f}x",
                   f"  (encoder + first box) / Grow-from-seeds first: {r['encoder_plus_box_vs_growcut_first']:.2f}x"]

@@ -64,6 +64,25 @@ def test_model_and_targets_are_reported(report):
     assert r["mode"] == "whole" and r["grid_shape"] == [32, 48, 48]
 
 
+def test_click_decoding_is_reported_per_measured_click(report):
+    r, _ = report
+    assert r["click_window"] == 32 and len(r["click_decoding"]) == len(r["click_decode_regions"]) == 6
+    assert set(r["click_decoding"]) == {"window"}  # every click follows a decoded step on the same grid
+    assert all(all(0 < n <= s for n, s in zip(size, r["shape"])) for size in r["click_decode_regions"])
+
+
+def test_click_window_0_and_fp32_options(tmp_path, capsys):
+    config = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
+    path = create_untrained_model_file(tmp_path / "tiny.pt", config=config)
+    assert main(["bench", "--json", "--shape", "24x32x32", "--repeats", "1", "--warmup", "0", "--checkpoint", str(path),
+                 "--no-growcut", "--click-window", "0", "--precision", "fp32"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["click_window"] == 0 and "fp32" in r["device_name"]
+    assert r["click_decoding"] and "window" not in r["click_decoding"]  # the box region (here: whole image)
+    assert main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--click-window", "-1"]) == 2
+    assert "click_window >= 0" in capsys.readouterr().err
+
+
 def test_scenario_box_is_an_eighth_around_the_liver_with_clicks_inside():
     s = make_scenario((32, 48, 48))
     lo, hi = s.box

@@ -5,8 +5,9 @@ and 3 clicks inside it: median and p95, after warm-up, of the encoder pass (a ne
 the first box, a click with the embedding cached, the merge; peak memory; and Grow from seeds
 (vtkImageGrowCutSegment from slicer-core) from the same prompts, timed as the Segment Editor runs it:
 its first computation, then an update after one more seed with the same filter reused.
-Without a model file an untrained model of the default architecture is used (timings do not depend on
-the weights). Details: ENSAMSegmentLib/benchmark.py.
+Without a model file an untrained model of the default architecture is used (a click's time depends
+a little on the weights: its decoding window grows when the mask changes at the window's faces).
+Details: ENSAMSegmentLib/benchmark.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="ENSAM model file (default: the default model, else an untrained one)")
     parser.add_argument("--no-growcut", action="store_true", help="skip Grow from seeds")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto (default): bf16 on GPUs and on CPUs with native bf16, else fp32")
+    parser.add_argument("--click-window", type=int, default=None,
+                        help="half-size in voxels of the window decoded around each click "
+                             "(default: the session's, 32; 0: decode the whole box region)")
     parser.set_defaults(func=run)
 
 
@@ -44,7 +50,8 @@ def run(args) -> int:
 
     try:
         report = run_benchmark(parse_shape(args.shape), args.device, args.repeats, args.warmup,
-                               args.checkpoint, growcut=not args.no_growcut, progress=progress)
+                               args.checkpoint, growcut=not args.no_growcut, progress=progress,
+                               precision=args.precision, click_window=args.click_window)
     except (BenchmarkError, SessionError, GrowCutError) as error:
         raise UserError(str(error)) from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))
