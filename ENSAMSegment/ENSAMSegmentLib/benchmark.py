@@ -218,7 +218,7 @@ def bench_model(checkpoint=None) -> tuple[torch.nn.Module, dict]:
 def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: Clock, progress=print) -> dict:
     """Samples (seconds) of set_image, encoder, first box, clicks and merge, plus what the session did."""
     samples = {k: [] for k in ("set_image", "encoder", "box", "click", "click_decode", "merge")}
-    info, decodings, regions = {}, [], []
+    info, decodings, regions, first_masks = {}, [], [], None
     for i in range(warmup + repeats):
         image, runs = variant(scenario.image, i), session.encoder_runs
         start = time.perf_counter()
@@ -233,6 +233,8 @@ def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: C
         box, t_box = clock.time(session.add_box, *scenario.box)
         clicks = [clock.time(session.add_click, p, fg) for p, fg in scenario.clicks]
         labels, t_merge = clock.time(session.merged_labels)
+        if i == 0:
+            first_masks = [u.mask for u, _ in clicks]  # image variant 0: compared in window_agreement
         if i >= warmup:
             for key, value in (("set_image", t_image), ("encoder", encoder), ("box", t_box), ("merge", t_merge)):
                 samples[key].append(value)
@@ -242,11 +244,28 @@ def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: C
             regions += [_sizes(u.logits_region) for u, _ in clicks]
         info = {"mode": report.mode, "grid_shape": list(report.grid_shape),
                 "box_decode_region": _sizes(box.logits_region), "click_decode_region": _sizes(clicks[-1][0].logits_region),
-                "click_decoding": decodings, "click_decode_regions": regions,
+                "click_decoding": decodings, "click_decode_regions": regions, "first_click_masks": first_masks,
                 "labelled_voxels": int(np.count_nonzero(labels))}
         progress(f"ENSAM {_tag(i, warmup)}: encoder {encoder:.2f} s, box {t_box:.2f} s, clicks "
                  f"{', '.join(f'{t:.2f}' for _, t in clicks)} s, merge {t_merge:.2f} s")
     return {"samples": samples, **info}
+
+
+def window_agreement(model, scenario: Scenario, device, precision: str, window_masks: list, progress=print) -> list:
+    """Dice between each click's mask decoded over its window (`window_masks`, from the timed run) and
+    the same click decoded over the whole box region (click_window 0), untimed: what windowed
+    decoding changes in the result. With trained weights this says how much accuracy the speed costs;
+    with untrained ones, how far its noisy masks differ beyond the window."""
+    from .metrics import dice
+    from .session import InferenceSession
+
+    progress("agreement: the same clicks decoded over the whole box region (untimed) ...")
+    with InferenceSession(model=model, device=device, precision=precision, click_window=0) as session:
+        session.set_image(variant(scenario.image, 0), scenario.spacing)
+        session.create_object()
+        session.add_box(*scenario.box)
+        region_masks = [session.add_click(p, fg).mask for p, fg in scenario.clicks]
+    return [float(dice(a, b)) for a, b in zip(region_masks, window_masks)]
 
 
 def bench_growcut(scenario: Scenario, repeats: int, warmup: int, progress=print) -> dict:
@@ -288,7 +307,7 @@ def _tag(i: int, warmup: int) -> str:
 
 def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, warmup: int = 1,
                   checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
-                  click_window: int | None = None) -> dict:
+                  click_window: int | None = None, agreement: bool = True) -> dict:
     """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
     from . import __version__, devices
     from .session import InferenceSession
@@ -312,6 +331,8 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
     with session:
         ensam = bench_ensam(session, scenario, repeats, warmup, clock, progress)
         device_name, click_window = session.device_name, session.click_window
+    agreement = (window_agreement(model, scenario, torch_device, precision, ensam["first_click_masks"], progress)
+                 if click_window and agreement else None)
     peak_ensam = peak_rss_mb()
     cuda_peak = torch.cuda.max_memory_allocated(torch_device) / 2**20 if clock.cuda else None
     grow = bench_growcut(scenario, repeats, warmup, progress) if growcut else None
@@ -325,7 +346,7 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
         "repeats": repeats, "warmup": warmup, "mode": ensam["mode"], "grid_shape": ensam["grid_shape"],
         "box_decode_region": ensam["box_decode_region"], "click_decode_region": ensam["click_decode_region"],
         "click_window": click_window, "click_decoding": ensam["click_decoding"],
-        "click_decode_regions": ensam["click_decode_regions"],
+        "click_decode_regions": ensam["click_decode_regions"], "window_vs_region_dice": agreement,
         "encoder_s": s["encoder"]["median"], "encoder_s_p95": s["encoder"]["p95"],
         "set_image_s_median": s["set_image"]["median"], "set_image_s_p95": s["set_image"]["p95"],
         "box_s_median": s["box"]["median"], "box_s_p95": s["box"]["p95"],
@@ -412,6 +433,9 @@ def format_report(r: dict) -> str:
         lines.append(f"  clicks decoded: {', '.join(f'{n} by {k}' for k, n in kinds.items())} (click_window "
                      f"{r['click_window']}); decoded {'x'.join(map(str, sizes[0]))} to "
                      f"{'x'.join(map(str, sizes[-1]))} voxels (decoder {r['click_decode_s_median']:.3f} s median)")
+    if r["window_vs_region_dice"]:
+        lines.append("  masks of windowed clicks vs the same clicks decoded over the box region: Dice "
+                     + ", ".join(f"{d:.4f}" for d in r["window_vs_region_dice"]))
     if r["click_vs_growcut_update"] is not None:
         lines += [f"  click / Grow-from-seeds update:                {r['click_vs_growcut_update']:.2f}x",
                   f"  (encoder + first box) / Grow-from-seeds first: {r['encoder_plus_box_vs_growcut_first']:.2f}x"]

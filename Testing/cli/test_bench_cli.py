@@ -69,6 +69,8 @@ def test_click_decoding_is_reported_per_measured_click(report):
     assert r["click_window"] == 32 and len(r["click_decoding"]) == len(r["click_decode_regions"]) == 6
     assert set(r["click_decoding"]) == {"window"}  # every click follows a decoded step on the same grid
     assert all(all(0 < n <= s for n, s in zip(size, r["shape"])) for size in r["click_decode_regions"])
+    agreement = r["window_vs_region_dice"]  # the first repeat's clicks, decoded again over the box region
+    assert len(agreement) == 3 and all(0.0 <= d <= 1.0 for d in agreement)
 
 
 def test_click_window_0_and_fp32_options(tmp_path, capsys):
@@ -77,7 +79,7 @@ def test_click_window_0_and_fp32_options(tmp_path, capsys):
     assert main(["bench", "--json", "--shape", "24x32x32", "--repeats", "1", "--warmup", "0", "--checkpoint", str(path),
                  "--no-growcut", "--click-window", "0", "--precision", "fp32"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["click_window"] == 0 and "fp32" in r["device_name"]
+    assert r["click_window"] == 0 and "fp32" in r["device_name"] and r["window_vs_region_dice"] is None
     assert r["click_decoding"] and "window" not in r["click_decoding"]  # the box region (here: whole image)
     assert main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--click-window", "-1"]) == 2
     assert "click_window >= 0" in capsys.readouterr().err

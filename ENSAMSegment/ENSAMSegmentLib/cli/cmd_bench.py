@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--click-window", type=int, default=None,
                         help="half-size in voxels of the window decoded around each click "
                              "(default: the session's, 32; 0: decode the whole box region)")
+    parser.add_argument("--no-agreement", action="store_true",
+                        help="skip the untimed pass comparing windowed clicks with clicks decoded over the box region")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +53,8 @@ def run(args) -> int:
     try:
         report = run_benchmark(parse_shape(args.shape), args.device, args.repeats, args.warmup,
                                args.checkpoint, growcut=not args.no_growcut, progress=progress,
-                               precision=args.precision, click_window=args.click_window)
+                               precision=args.precision, click_window=args.click_window,
+                               agreement=not args.no_agreement)
     except (BenchmarkError, SessionError, GrowCutError) as error:
         raise UserError(str(error)) from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))
