@@ -28,7 +28,8 @@ Without a model file, an untrained model of the default architecture is used, an
 The encoder, box and merge timings do not depend on the weights; a click's does, a little: it is
 decoded over a window around it (session_window.py), which grows when the mask changes on the window's
 faces, and an untrained model's noisy masks make it grow where a trained model's would not. The
-report lists how every measured click was decoded (`click_decoding`, `click_decode_regions`);
+report lists how every measured click was decoded (`click_decoding`: "window", "window+grown",
+"region" or "whole"; `click_decode_regions`);
 `--click-window 0` measures clicks decoded over the whole box region instead.
 """
 
@@ -240,7 +241,7 @@ def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: C
                 samples[key].append(value)
             samples["click"] += [t for _, t in clicks]
             samples["click_decode"] += [u.timings["decode"] for u, _ in clicks]
-            decodings += [u.decoding for u, _ in clicks]
+            decodings += [u.decoding + ("+grown" * u.window_growth) for u, _ in clicks]
             regions += [_sizes(u.logits_region) for u, _ in clicks]
         info = {"mode": report.mode, "grid_shape": list(report.grid_shape),
                 "box_decode_region": _sizes(box.logits_region), "click_decode_region": _sizes(clicks[-1][0].logits_region),

@@ -32,10 +32,10 @@ Clicks (`click_window`, default 32; session_window.py): a click on an object alr
 same grid decodes only a window of the click +- `click_window` voxels; the object's other logits stay.
 The decoder reuses the GroupNorm statistics of the object's last box (or whole) decode, which makes it
 a local function of its inputs, so inside the window the logits are exactly those of decoding the
-whole grid with those statistics (ENSAM.decode_window). When the mask changes on a face of the window
-(>= `click_window_min_change` of the face, default 2 %), that face moves out by `click_window` and
-the window is decoded again, `click_window_growth` times at most (default 1). On the 2-core CPU at
-128x256x256 this is about 0.5 s a click instead of 3.4 s for the box region (README "Performance",
+whole grid with those statistics (ENSAM.decode_window). When the change connected to the click reaches
+a face of the window, that face moves out by `click_window` and the window is decoded again,
+`click_window_growth` times at most (default 1; `SegmentationUpdate.window_growth` says how many).
+On the 2-core CPU at 128x256x256 this is about 0.5 s a click instead of 3.4 s for the box region (README "Performance",
 `ensam bench`, which also reports how far the masks differ from decoding the box region).
 `click_window=0` decodes every click over the box region as before.
 
@@ -156,6 +156,7 @@ class SegmentationUpdate:
     timings: dict = field(default_factory=dict)
     step: int = 0
     decoding: str = ""  # how logits were computed: "whole", "region", "window" ("" for undo/reset)
+    window_growth: int = 0  # times a click's window grew (session_window.py)
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ class InferenceSession:
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = 8, max_image_voxels: int = 2**30, max_undo: int | None = 32,
                  max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int = 32,
-                 click_window_growth: int = 1, click_window_min_change: float = 0.02):
+                 click_window_growth: int = 1):
         if max_undo is not None and max_undo < 1:
             raise ValueError(f"max_undo must be >= 1 or None (unlimited), got {max_undo}")
         if not 512 <= global_voxel_budget <= voxel_budget:
@@ -338,11 +339,10 @@ class InferenceSession:
         self.full_decode_fraction, self.max_pool_factor = float(full_decode_fraction), int(max_pool_factor)
         self.max_image_voxels, self.max_undo = int(max_image_voxels), max_undo
         self.max_cached_regions, self.empty_object_margin = int(max_cached_regions), float(empty_object_margin)
-        if click_window < 0 or click_window_growth < 0 or not 0 <= click_window_min_change <= 1:
-            raise ValueError("need click_window >= 0 (0: no local decoding), click_window_growth >= 0 and "
-                             "0 <= click_window_min_change <= 1")
+        if click_window < 0 or click_window_growth < 0:
+            raise ValueError(f"need click_window >= 0 (0: no local decoding) and click_window_growth >= 0, got "
+                             f"{click_window} and {click_window_growth}")
         self.click_window, self.click_window_growth = int(click_window), int(click_window_growth)
-        self.click_window_min_change = float(click_window_min_change)
         self.encoder_runs = 0  # number of encoder passes so far (diagnostics and tests)
 
         self._lock = threading.RLock()
@@ -714,9 +714,10 @@ class InferenceSession:
         embedding = self._embedding(image.volume, grid, image.main)
         t1 = time.perf_counter()
         clicks = [p[1] for p in request.prompts if p[0] == "click"]
+        growth = 0
         if self._decodes_locally(grid, previous, clicks):
-            region, logits, decoding = *self._decode_window(embedding, grid, prompts, previous, clicks), "window"
-            norms = previous.norms
+            region, logits, growth = self._decode_window(embedding, grid, prompts, previous, clicks)
+            norms, decoding = previous.norms, "window"
         else:
             region, norms = None, {}
             if prompts.box is not None:
@@ -735,7 +736,7 @@ class InferenceSession:
         timings = {"queue": start - request.submitted, "encode": t1 - t0, "decode": t2 - t1,
                    "postprocess": end - t2, "total": end - start}
         return SegmentationUpdate(obj.id, mask.full(image.shape), changed, extent, end - start, timings,
-                                  len(obj.history) - 1, decoding)
+                                  len(obj.history) - 1, decoding, growth)
 
     def _checked_state(self, request: _Request) -> tuple[_Image, _Step]:
         with self._lock:
@@ -779,9 +780,10 @@ class InferenceSession:
                     and previous.norms)
 
     def _decode_window(self, embedding, grid: Grid, prompts: ObjectPrompts, previous: _Step,
-                       clicks: list) -> tuple[Slices, torch.Tensor]:
+                       clicks: list) -> tuple[Slices, torch.Tensor, int]:
         """Decode a window around the new clicks, growing it while the change reaches its faces ->
-        (grid region, float32 CPU logits over it): the previous logits with the window written in."""
+        (grid region, float32 CPU logits over it: the previous logits with the window written in,
+        times the window grew)."""
         window = click_window(grid, clicks, self.click_window)
         half_cells = [math.ceil(self.click_window / f) for f in grid.factor]
         with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
@@ -789,14 +791,16 @@ class InferenceSession:
                                                  self._prev_logits(grid, previous))
             for rounds in range(self.click_window_growth + 1):
                 values = self.model.decoder.forward_window(x, skips, window, previous.norms).float().cpu()
-                old = resample(previous.logits, [g + s.start * f for g, s, f in zip(grid.origin, window, grid.factor)],
-                               grid.factor, values.shape[-3:], previous.fill, clip=False)
+                if rounds == self.click_window_growth:
+                    break
+                origin = [g + s.start * f for g, s, f in zip(grid.origin, window, grid.factor)]
+                old = resample(previous.logits, origin, grid.factor, values.shape[-3:], previous.fill, clip=False)
                 grown = grow_window(window, old[0, 0] > 0, values[0, 0] > 0, grid.padded, half_cells,
-                                    self.click_window_min_change)
-                if grown is None or rounds == self.click_window_growth:
+                                    [grid.to_grid(p) for p in clicks])
+                if grown is None:
                     break
                 window = grown
-        return patched_block(grid, previous.logits, previous.fill, window, values)
+        return *patched_block(grid, previous.logits, previous.fill, window, values), rounds
 
     def _prompts(self, grid: Grid, prompts: ObjectPrompts) -> Prompts:
         objects = {"fg": [grid.to_grid(p) for p in prompts.fg], "bg": [grid.to_grid(p) for p in prompts.bg]}

@@ -67,7 +67,8 @@ def test_model_and_targets_are_reported(report):
 def test_click_decoding_is_reported_per_measured_click(report):
     r, _ = report
     assert r["click_window"] == 32 and len(r["click_decoding"]) == len(r["click_decode_regions"]) == 6
-    assert set(r["click_decoding"]) == {"window"}  # every click follows a decoded step on the same grid
+    # every click follows a decoded step on the same grid; its window may have grown once
+    assert set(r["click_decoding"]) <= {"window", "window+grown"}
     assert all(all(0 < n <= s for n, s in zip(size, r["shape"])) for size in r["click_decode_regions"])
     agreement = r["window_vs_region_dice"]  # the first repeat's clicks, decoded again over the box region
     assert len(agreement) == 3 and all(0.0 <= d <= 1.0 for d in agreement)
