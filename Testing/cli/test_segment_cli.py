@@ -76,7 +76,7 @@ def test_ras_click_resolves_to_the_voxel_it_names(image_file, model_file, tmp_pa
         "segment", str(image_file), "--ras", "--fg", ",".join(f"{v:.6f}" for v in ras),
         "-o", str(tmp_path / "seg.nii.gz"), "--checkpoint", str(model_file), "--device", "cpu",
     ], capsys)
-    assert report["prompts_ijk"] == [{"prompt": "fg", "ijk": voxel.tolist()}]
+    assert report["prompts_ijk"] == [{"prompt": "fg", "ijk": voxel.tolist(), "decoding": "whole", "window_growth": 0}]
     # an RAS box (axis-aligned in RAS) covers at least the voxels whose corners it was built from
     report = run_json([
         "segment", str(image_file), "--ras", "--box", ",".join(f"{v:.6f}" for v in (*box_lo, *box_hi)),
@@ -85,6 +85,41 @@ def test_ras_click_resolves_to_the_voxel_it_names(image_file, model_file, tmp_pa
     lo, hi = np.array(report["prompts_ijk"][0]["ijk_min"]), np.array(report["prompts_ijk"][0]["ijk_max"])
     assert np.all(lo <= [3, 5, 4]) and np.all(hi >= [20, 33, 27])
     assert np.all(lo >= 0) and np.all(hi <= np.array(SHAPE) - 1)
+
+
+@pytest.fixture(scope="module")
+def roomy_image(tmp_path_factory):
+    """64^3: room for a small box's decode region (box + 16 voxels) to be under half the image."""
+    image, _ = make_phantom((64, 64, 64), seed=3, n_objects=2)
+    path = tmp_path_factory.mktemp("roomy") / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.int16)), str(path))
+    return path
+
+
+def test_click_window_reaches_the_session_and_each_step_reports_its_decoding(roomy_image, model_file, tmp_path,
+                                                                              capsys):
+    """Default: a click after the box decodes a window around it; --click-window 0: the box's region."""
+    prompts = ["--box", "28,28,28,35,35,35", "--fg", "31,31,31", "--bg", "33,30,34"]
+    common = ["-o", str(tmp_path / "seg.nrrd"), "--checkpoint", str(model_file), "--device", "cpu"]
+    windowed = run_json(["segment", str(roomy_image), *prompts, *common], capsys)
+    boxed = run_json(["segment", str(roomy_image), *prompts, *common, "--click-window", "0"], capsys)
+    narrow = run_json(["segment", str(roomy_image), *prompts, *common, "--click-window", "4"], capsys)
+    assert (windowed["click_window"], boxed["click_window"], narrow["click_window"]) == (32, 0, 4)
+    for report in (windowed, boxed, narrow):
+        assert report["prompts_ijk"][0]["decoding"] == "region"  # the box step is the same in all three
+        assert len(report["timing_s"]["steps"]) == len(report["prompts_ijk"]) == 3
+    assert [p["decoding"] for p in windowed["prompts_ijk"][1:]] == ["window", "window"]
+    assert [p["decoding"] for p in narrow["prompts_ijk"][1:]] == ["window", "window"]
+    assert [p["decoding"] for p in boxed["prompts_ijk"][1:]] == ["region", "region"]
+    assert all(p["window_growth"] >= 0 for r in (windowed, narrow) for p in r["prompts_ijk"][1:])
+
+
+def test_a_negative_click_window_is_refused(image_file, model_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(image_file), "--fg", "10,20,14", "-o", str(tmp_path / "o.nrrd"),
+              "--checkpoint", str(model_file), "--click-window", "-1"])
+    assert exit_info.value.code == 2 and "integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o.nrrd").exists()
 
 
 @pytest.mark.parametrize("prompt, message", [

@@ -28,7 +28,7 @@ from ENSAMSegmentLib.imageio import ChallengeCase, read_challenge_npz, write_cha
 from ENSAMSegmentLib.modelfile import load_model, save_model
 from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
 from ENSAMSegmentLib.phantom import write_challenge_dataset
-from ENSAMSegmentLib.predictor import EnsamMethod
+from ENSAMSegmentLib.predictor import EnsamMethod, predict_case
 from ENSAMSegmentLib.simulation import box_dict_to_3d
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +129,35 @@ def test_predict_sh_runs_the_predictor_on_a_later_step_as_the_organisers_do(chec
             assert got["segs"].dtype == np.uint8 and np.array_equal(got["segs"], want["segs"])
 
 
+def test_predict_click_window_reaches_the_session(checkpoint, via_files, tmp_path):
+    """`ensam predict --click-window N` equals the in-process method with that click window; the step-3
+    files (2 click rounds) come out differently with N = 0 (box region) and the default (windows)."""
+    _, command, _ = via_files
+    inputs = tmp_path / "in"
+    shutil.copytree(command.keep / "step3", inputs, ignore=shutil.ignore_patterns("segs_*"))
+    segs = {}
+    for window in ("0", "32"):
+        assert main(["predict", "--input", str(inputs), "--output", str(tmp_path / window),
+                     "--checkpoint", str(checkpoint), "--device", "cpu", "--click-window", window]) == 0
+        method = EnsamMethod(checkpoint, "cpu", click_window=int(window))
+        assert method.describe()["click_window"] == int(window)
+        for path in sorted(inputs.glob("*.npz")):
+            with np.load(tmp_path / window / path.name) as npz:
+                segs[window, path.name] = npz["segs"]
+            assert np.array_equal(segs[window, path.name], predict_case(method, read_challenge_npz(path)).segs)
+        method.close()
+    assert any(not np.array_equal(segs["0", p.name], segs["32", p.name]) for p in inputs.glob("*.npz"))
+
+
+def test_evaluate_records_the_click_window(dataset, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", "--data", str(dataset), "--method", "ensam", "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--click-window", "8", "--max-cases", "1", "--out", str(out)]) == 0
+    info = json.loads((out / "summary.json").read_text())["methods"]["ensam"]["info"]
+    assert info["click_window"] == 8 and info["device"].startswith("cpu")
+    assert "click window 8" in capsys.readouterr().out
+
+
 def test_predict_sh_reports_a_missing_model_file(tmp_path):
     (tmp_path / "in").mkdir()
     write_challenge_npz(tmp_path / "in" / "a.npz", ChallengeCase(imgs=np.zeros((8, 8, 8), np.uint8), spacing=np.ones(3)))
@@ -164,6 +193,8 @@ def test_evaluate_command_runs_ensam_and_both_baselines(dataset, checkpoint, tmp
     assert list(summary["methods"]) == ["ensam", "growcut", "box"]
     ensam = summary["methods"]["ensam"]
     assert ensam["info"]["model"]["training_data"] == "untrained (test)" and ensam["n_cases"] == 2
+    assert ensam["info"]["click_window"] == 32  # the session's default; the baselines have none
+    assert "click_window" not in summary["methods"]["box"]["info"]
     assert all(0 <= ensam["mean"][k] <= 4 for k in ("DSC_AUC", "NSD_AUC"))
     with open(out / "steps.csv") as f:
         rows = list(csv.DictReader(f))

@@ -4,7 +4,8 @@ Step 1: one box per class (a case without boxes scores 0 there); steps 2-6: one 
 from the challenge's click rule on the previous merged prediction. Every step is scored (DSC, NSD at
 2 mm) and timed; a case over 90 s per class scores 0. Writes OUT/steps.csv (case, method, step, DSC,
 NSD, seconds), OUT/summary.json (DSC_AUC, NSD_AUC, DSC_Final, NSD_Final per case and mean per method;
-skipped cases with the reason) and OUT/steps.png (mean DSC and NSD per step, one line per method).
+skipped cases with the reason; each method's setup under "info": device, model, ENSAM's click window)
+and OUT/steps.png (mean DSC and NSD per step, one line per method).
 Without --method, ENSAM is run with both baselines (growcut, box).
 """
 
@@ -14,6 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
 from ENSAMSegmentLib.cli.main import UserError
 
 ALL_METHODS = ("ensam", "growcut", "box")
@@ -27,6 +29,7 @@ def register(subparsers) -> None:
                         help="method to run (repeatable; default: ensam, growcut and box)")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_click_window_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder for steps.csv, summary.json, steps.png")
     parser.add_argument("--max-cases", type=int, help="only the first N case files (sorted by name)")
     parser.add_argument("--time-limit-per-class", type=float, default=90.0,
@@ -51,7 +54,7 @@ def run(args) -> int:
     for name in names:
         started = time.perf_counter()
         try:
-            method = make_method(name, args.checkpoint, args.device)
+            method = make_method(name, args.checkpoint, args.device, args.click_window)
         except MethodError as error:
             raise UserError(f"cannot set up the {name} method: {error}") from None
         infos[name] = {**method.describe(), "setup_seconds": round(time.perf_counter() - started, 3)}
@@ -73,7 +76,9 @@ def run(args) -> int:
     for name, entry in summary["methods"].items():
         mean = entry["mean"]
         if entry["n_cases"]:
-            print(f"{name:8s} n={entry['n_cases']}  " + "  ".join(f"{k} {mean[k]:.3f}" for k in mean))
+            window = entry["info"].get("click_window")
+            print(f"{name:8s} n={entry['n_cases']}  " + "  ".join(f"{k} {mean[k]:.3f}" for k in mean)
+                  + ("" if window is None else f"  (click window {window})"))
     if infos.get("ensam", {}).get("model", {}).get("untrained"):
         print("NOTE: the ENSAM model file is UNTRAINED (random weights): its scores are not meaningful.")
     for item in skipped:

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for the <case>.npz predictions")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_click_window_argument(parser)
     parser.add_argument("--method", default="ensam", choices=["ensam", "growcut", "box"],
                         help="predictor (default ensam; growcut and box are the baselines)")
     parser.set_defaults(func=run)
@@ -38,7 +40,7 @@ def run(args) -> int:
         raise UserError(f"--input {args.input} holds no .npz case files")
     args.output.mkdir(parents=True, exist_ok=True)
     try:
-        method = make_method(args.method, args.checkpoint, args.device)
+        method = make_method(args.method, args.checkpoint, args.device, args.click_window)
     except MethodError as error:
         raise UserError(f"cannot set up the {args.method} predictor: {error}") from None
     try:

@@ -58,11 +58,37 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coordinates are physical RAS millimetres (x,y,z order: R,A,S) instead of voxel z,y,x")
 
 
+def _window_size(text: str) -> int:
+    """A click window half-size: an integer >= 0 (0: clicks decode the whole box region)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_click_window_argument(parser: argparse.ArgumentParser) -> None:
+    """--click-window for the commands that build an InferenceSession (segment, predict, evaluate).
+    None (not given) keeps the session's default, so that the default lives in one place."""
+    parser.add_argument("--click-window", type=_window_size, default=None, metavar="N",
+                        help="half-size in voxels of the window decoded around each click "
+                             "(default: the session's, 32; 0: decode the whole box region)")
+
+
+def session_options(args) -> dict:
+    """InferenceSession keyword arguments from the parsed options (only those given)."""
+    click_window = getattr(args, "click_window", None)  # `ensam demo` builds its own options without it
+    return {} if click_window is None else {"click_window": click_window}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the embedded default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--modality", default="auto",
                         help="intensity preprocessing: auto, ct, mr, pet, us, microscopy (default: auto)")
+    add_click_window_argument(parser)
 
 
 def register(subparsers) -> None:
@@ -78,7 +104,8 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output labelmap (.nii.gz, .nrrd, .mha; .npz writes `segs`), in the input's geometry")
     parser.add_argument("--seg-nrrd", type=Path, help="also write a Slicer .seg.nrrd segmentation")
-    parser.add_argument("--json", action="store_true", help="print a JSON report (prompts, timings, outputs)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON report (prompts and how each was decoded, timings, outputs)")
     parser.set_defaults(func=run, clicks=[])
 
 
@@ -140,12 +167,14 @@ def run(args) -> int:
 
 
 def segment_array(array, geometry, box, clicks, args) -> dict:
-    """Run the prompts through an InferenceSession; returns the labels and a JSON-ready report."""
+    """Run the prompts through an InferenceSession; returns the labels and a JSON-ready report.
+    Each step in prompts_ijk says how its logits were decoded ("whole", box "region", click "window");
+    a click also says how often its window grew (window_growth)."""
     from ENSAMSegmentLib.session import InferenceSession, SessionError
 
     started = time.perf_counter()
     try:
-        with InferenceSession(model_path=args.checkpoint, device=args.device) as session:
+        with InferenceSession(model_path=args.checkpoint, device=args.device, **session_options(args)) as session:
             t0 = time.perf_counter()
             session.set_image(array, spacing_zyx=geometry.spacing_zyx, modality=args.modality)
             timing = {"load_model": t0 - started, "encode": time.perf_counter() - t0, "steps": []}
@@ -153,14 +182,16 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
             steps = []
             if box is not None:
                 update = session.add_box(box[0], box[1])
-                steps.append({"prompt": "box", "ijk_min": list(box[0]), "ijk_max": list(box[1])})
+                steps.append({"prompt": "box", "ijk_min": list(box[0]), "ijk_max": list(box[1]),
+                              "decoding": update.decoding})
                 timing["steps"].append(update.seconds)
             for index, foreground in clicks:
                 update = session.add_click(index, foreground=foreground)
-                steps.append({"prompt": "fg" if foreground else "bg", "ijk": list(index)})
+                steps.append({"prompt": "fg" if foreground else "bg", "ijk": list(index), "decoding": update.decoding,
+                              "window_growth": update.window_growth})
                 timing["steps"].append(update.seconds)
             labels = session.merged_labels().astype(np.uint8)
-            model_info = session.model_info
+            model_info, click_window = session.model_info, session.click_window
     except SessionError as error:
         raise UserError(str(error)) from None
     timing["total"] = time.perf_counter() - started
@@ -172,6 +203,7 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
         "prompts_ijk": steps,
         "foreground_voxels": int(labels.sum()),
         "device": session.device_name,
+        "click_window": click_window,
         "model": {"path": str(model_info.path), "training_data": model_info.training_data,
                   "untrained": model_info.untrained},
         "timing_s": timing,
