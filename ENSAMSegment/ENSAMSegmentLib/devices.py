@@ -8,10 +8,10 @@
 The precision "auto" is bf16 where the GPU supports it (Ampere and newer: no overflow risk, same
 speed as fp16), else fp16. On a CPU with native bf16 arithmetic (AVX512-BF16 or AMX, read from
 /proc/cpuinfo) it is bf16 autocast with channels-last 3-D tensors (oneDNN's fast path): measured on
-the development machine (2-core Xeon, AVX512-BF16) the encoder ran 3.4x and the decoder's
-full-resolution level 2.3x faster than fp32, the masks agreeing at Dice 0.99+ (`ensam bench`,
-README "Performance"). Other CPUs, and MPS (uneven autocast support), stay in fp32; "fp32"
-forces it anywhere.
+the development machine (2-core Xeon, AVX512-BF16, `ensam bench` at 128x256x256) the encoder ran 1.4x
+and a box decode 2x faster than fp32, masks agreeing with fp32 at Dice 0.97-0.99 (a small model,
+Testing/core/test_devices.py; README "Performance"). Other CPUs, and MPS (uneven autocast
+support), stay in fp32; "fp32" forces it anywhere.
 """
 
 from __future__ import annotations
