@@ -324,9 +324,8 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
     clock = Clock(torch_device)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats(torch_device)
-    options = {} if click_window is None else {"click_window": click_window}
     try:
-        session = InferenceSession(model=model, device=torch_device, precision=precision, **options)
+        session = InferenceSession(model=model, device=torch_device, precision=precision, click_window=click_window)
     except ValueError as error:  # SessionError included
         raise BenchmarkError(str(error)) from None
     with session:

@@ -231,9 +231,8 @@ class EnsamMethod(Method):
     def __init__(self, checkpoint=None, device: str = "auto", click_window: int | None = None):
         from .session import InferenceSession, SessionError
 
-        options = {} if click_window is None else {"click_window": click_window}
         try:
-            self.session = InferenceSession(model_path=checkpoint, device=device, **options)
+            self.session = InferenceSession(model_path=checkpoint, device=device, click_window=click_window)
         except (SessionError, ValueError) as error:  # ValueError: a click window below 0
             raise MethodError(str(error)) from None
 

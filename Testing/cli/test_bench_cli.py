@@ -82,8 +82,9 @@ def test_click_window_0_and_fp32_options(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["click_window"] == 0 and "fp32" in r["device_name"] and r["window_vs_region_dice"] is None
     assert r["click_decoding"] and "window" not in r["click_decoding"]  # the box region (here: whole image)
-    assert main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--click-window", "-1"]) == 2
-    assert "click_window >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the shared --click-window option, before any work
+        main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--click-window", "-1"])
+    assert exit_info.value.code == 2 and "integer >= 0" in capsys.readouterr().err
 
 
 def test_scenario_box_is_an_eighth_around_the_liver_with_clicks_inside():

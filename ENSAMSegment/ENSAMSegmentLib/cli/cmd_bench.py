@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -34,9 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-growcut", action="store_true", help="skip Grow from seeds")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto (default): bf16 on GPUs and on CPUs with native bf16, else fp32")
-    parser.add_argument("--click-window", type=int, default=None,
-                        help="half-size in voxels of the window decoded around each click "
-                             "(default: the session's, 32; 0: decode the whole box region)")
+    add_click_window_argument(parser)
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the untimed pass comparing windowed clicks with clicks decoded over the box region")
     parser.set_defaults(func=run)

@@ -70,17 +70,11 @@ def _window_size(text: str) -> int:
 
 
 def add_click_window_argument(parser: argparse.ArgumentParser) -> None:
-    """--click-window for the commands that build an InferenceSession (segment, predict, evaluate).
+    """--click-window for the commands that build an InferenceSession (segment, predict, evaluate, bench).
     None (not given) keeps the session's default, so that the default lives in one place."""
     parser.add_argument("--click-window", type=_window_size, default=None, metavar="N",
                         help="half-size in voxels of the window decoded around each click "
                              "(default: the session's, 32; 0: decode the whole box region)")
-
-
-def session_options(args) -> dict:
-    """InferenceSession keyword arguments from the parsed options (only those given)."""
-    click_window = getattr(args, "click_window", None)  # `ensam demo` builds its own options without it
-    return {} if click_window is None else {"click_window": click_window}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,7 +168,9 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
 
     started = time.perf_counter()
     try:
-        with InferenceSession(model_path=args.checkpoint, device=args.device, **session_options(args)) as session:
+        # `ensam demo` builds its own options, without --click-window
+        with InferenceSession(model_path=args.checkpoint, device=args.device,
+                              click_window=getattr(args, "click_window", None)) as session:
             t0 = time.perf_counter()
             session.set_image(array, spacing_zyx=geometry.spacing_zyx, modality=args.modality)
             timing = {"load_model": t0 - started, "encode": time.perf_counter() - t0, "steps": []}
