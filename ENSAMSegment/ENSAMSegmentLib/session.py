@@ -90,9 +90,10 @@ from .session_region import (
     Grid, MaskCrop, Placed, Slices, box_grid, changed_region, decode_region, grid_input, image_logits,
     intersect, pool_factors, resample, shift, union, whole_grid,
 )
-from .session_window import click_window, grow_window, patched_block
+from .session_window import block_region, click_window, grow_window, patched_block
 
 TRAINING_VOXEL_BUDGET = 4_194_304
+DEFAULT_CLICK_WINDOW = 32  # voxels either side of a click (session_window.py)
 
 
 # --------------------------------------------------------------------------------- errors
@@ -321,7 +322,7 @@ class InferenceSession:
                  voxel_budget: int = 8_388_608, global_voxel_budget: int = TRAINING_VOXEL_BUDGET,
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = 8, max_image_voxels: int = 2**30, max_undo: int | None = 32,
-                 max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int = 32,
+                 max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int | None = None,
                  click_window_growth: int = 1):
         if max_undo is not None and max_undo < 1:
             raise ValueError(f"max_undo must be >= 1 or None (unlimited), got {max_undo}")
@@ -339,6 +340,7 @@ class InferenceSession:
         self.full_decode_fraction, self.max_pool_factor = float(full_decode_fraction), int(max_pool_factor)
         self.max_image_voxels, self.max_undo = int(max_image_voxels), max_undo
         self.max_cached_regions, self.empty_object_margin = int(max_cached_regions), float(empty_object_margin)
+        click_window = DEFAULT_CLICK_WINDOW if click_window is None else click_window  # None: the default
         if click_window < 0 or click_window_growth < 0:
             raise ValueError(f"need click_window >= 0 (0: no local decoding) and click_window_growth >= 0, got "
                              f"{click_window} and {click_window_growth}")
@@ -786,21 +788,19 @@ class InferenceSession:
         times the window grew)."""
         window = click_window(grid, clicks, self.click_window)
         half_cells = [math.ceil(self.click_window / f) for f in grid.factor]
+        prev = self._prev_logits(grid, previous)  # [1, 1, *grid.padded]: what the window's logits replace
         with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
-            x, skips = self.model.decoder_inputs(embedding, self._prompts(grid, prompts),
-                                                 self._prev_logits(grid, previous))
+            x, skips = self.model.decoder_inputs(embedding, self._prompts(grid, prompts), prev)
             for rounds in range(self.click_window_growth + 1):
                 values = self.model.decoder.forward_window(x, skips, window, previous.norms).float().cpu()
                 if rounds == self.click_window_growth:
                     break
-                origin = [g + s.start * f for g, s, f in zip(grid.origin, window, grid.factor)]
-                old = resample(previous.logits, origin, grid.factor, values.shape[-3:], previous.fill, clip=False)
-                grown = grow_window(window, old[0, 0] > 0, values[0, 0] > 0, grid.padded, half_cells,
-                                    [grid.to_grid(p) for p in clicks])
+                grown = grow_window(window, prev[(0, 0, *window)].cpu() > 0, values[0, 0] > 0, grid.padded,
+                                    half_cells, [grid.to_grid(p) for p in clicks])
                 if grown is None:
                     break
                 window = grown
-        return *patched_block(grid, previous.logits, previous.fill, window, values), rounds
+        return *patched_block(block_region(grid, previous.logits), prev, window, values), rounds
 
     def _prompts(self, grid: Grid, prompts: ObjectPrompts) -> Prompts:
         objects = {"fg": [grid.to_grid(p) for p in prompts.fg], "bg": [grid.to_grid(p) for p in prompts.bg]}

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from .session_region import Grid, Placed, Slices, resample, union
+from .session_region import Grid, Placed, Slices, union
 
 
 def click_window(grid: Grid, points, half: int) -> Slices:
@@ -78,17 +78,15 @@ def block_region(grid: Grid, placed: Placed) -> Slices:
     return tuple(slice(a, a + n) for a, n in zip(starts, placed.shape))
 
 
-def patched_block(grid: Grid, previous: Placed, fill: float, window: Slices,
+def patched_block(previous_region: Slices, prev: torch.Tensor, window: Slices,
                   values: torch.Tensor) -> tuple[Slices, torch.Tensor]:
     """Previous logits with `values` (decoded over `window`) written in: (grid region, [1, 1, *sizes]).
 
-    The region is the union of the previous block and the window; where neither has values (a
-    window reaching beyond the previous block), the previous step's stand-in `fill` is used, as when
-    previous logits are fed back to the network.
+    prev: the previous logits on the whole grid as fed back to the network ([1, 1, *grid], the
+    previous step's stand-in value beyond its block). The region is the union of the previous block
+    and the window, so a window reaching beyond the block keeps that stand-in around its values.
     """
-    region = union(block_region(grid, previous), window)
-    origin = [g + s.start * f for g, s, f in zip(grid.origin, region, grid.factor)]
-    block = resample(previous, origin, grid.factor, [s.stop - s.start for s in region], fill, clip=False)
-    block = block.to(values.dtype)
+    region = union(previous_region, window)
+    block = prev[(..., *region)].to("cpu", values.dtype, copy=True)
     block[(..., *(slice(w.start - r.start, w.stop - r.start) for w, r in zip(window, region)))] = values
     return region, block
