@@ -1,4 +1,4 @@
-"""Fixtures shared by the core tests."""
+"""Fixtures shared by every test folder (the folders' own conftest.py add theirs)."""
 
 import pytest
 import torch

@@ -371,16 +371,6 @@ def small_model_file(tmp_path_factory):
 
 
 @pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def loop(small_model_file, one_thread):
     """(headless scene, volume node, geometry, controller) with the image already encoded."""
     pytest.importorskip("slicer", reason="needs the slicer-core wheel")
