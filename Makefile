@@ -17,7 +17,7 @@ DEFAULT_MODEL := ENSAMSegment/Resources/Models/ensam-default.pt
 setup: $(STAMP) $(DEFAULT_MODEL)
 
 $(DEFAULT_MODEL): | $(STAMP)
-	$(PY) -c "from ENSAMSegmentLib.modelfile import create_untrained_model_file as c; print('wrote untrained default model', c('$@', seed=0))"
+	$(PY) -c "from ENSAMSegmentLib.core.modelfile import create_untrained_model_file as c; print('wrote untrained default model', c('$@', seed=0))"
 
 $(STAMP): pyproject.toml .ci/constraints.txt .ci/install-system-packages Makefile
 	bash .ci/install-system-packages

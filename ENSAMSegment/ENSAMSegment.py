@@ -30,7 +30,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ENSAMSegmentLib.promptcontroller import DEFAULT_MODEL, DEVICES, model_choices
+from ENSAMSegmentLib.mrml.promptcontroller import DEFAULT_MODEL, DEVICES, model_choices
 
 EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "ENSAMSegmentLib", "SegmentEditorEffect.py")
 EFFECT_NAME = "ENSAM"
@@ -106,8 +106,8 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._describedModel = None
 
     def setup(self):
-        from ENSAMSegmentLib.promptcontroller import PromptController
-        from ENSAMSegmentLib.promptpanel import PromptPanel
+        from ENSAMSegmentLib.mrml.promptcontroller import PromptController
+        from ENSAMSegmentLib.slicerui.promptpanel import PromptPanel
 
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/ENSAMSegment.ui"))
@@ -231,7 +231,7 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = Path(self.ui.modelComboBox.itemData(index))
 
     def onInstallDependencies(self):
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         self._dependenciesReady = dependencies.ensure_dependencies()
         self.ui.modelInfoLabel.text = self.logic.describeModelSafely(self._describedModel)
@@ -258,7 +258,7 @@ class ENSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def dependenciesReady(self):
         """True when torch, MONAI and scipy are there (checked once; 'Install dependencies...' re-checks)."""
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         if self._dependenciesReady is None:
             self._dependenciesReady = dependencies.current_plan().satisfied
@@ -281,7 +281,7 @@ class ENSAMSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeModel(path):
         """One line about a model file: parameters, training data, creation date (imports torch)."""
-        from ENSAMSegmentLib.modelfile import read_model_info
+        from ENSAMSegmentLib.core.modelfile import read_model_info
 
         info = read_model_info(path)
         return f"{info.parameters / 1e6:.2f} M parameters, trained on: {info.training_data or 'unknown'}" + (
@@ -289,7 +289,7 @@ class ENSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def describeModelSafely(self, path):
         """describeModel, or why the file cannot be used (or that torch is not installed yet)."""
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         if not dependencies.current_plan().satisfied:
             return ""
@@ -307,7 +307,7 @@ class ENSAMSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         self.setUp()
         self.assertTrue(dependencies.ensure_dependencies(), "ENSAM's Python dependencies are missing")
@@ -338,8 +338,8 @@ class ENSAMSegmentTest(ScriptedLoadableModuleTest):
         """The shipped model, or (in a source checkout without it) a small untrained one."""
         if DEFAULT_MODEL.is_file():
             return DEFAULT_MODEL
-        from ENSAMSegmentLib.modelfile import create_untrained_model_file
-        from ENSAMSegmentLib.network import ENSAMConfig
+        from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+        from ENSAMSegmentLib.core.network import ENSAMConfig
 
         path = Path(slicer.app.temporaryPath) / "ENSAMSegmentTest-untrained.pt"
         config = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
@@ -348,10 +348,10 @@ class ENSAMSegmentTest(ScriptedLoadableModuleTest):
     def test_module_widget(self):
         import numpy as np
 
-        from ENSAMSegmentLib.geometry import VolumeGeometry
+        from ENSAMSegmentLib.core.geometry import VolumeGeometry
         from ENSAMSegmentLib.mrml import prompts, volumes
-        from ENSAMSegmentLib.phantom import make_phantom
-        from ENSAMSegmentLib.promptcontroller import ACTIONS, roi_for_box
+        from ENSAMSegmentLib.core.phantom import make_phantom
+        from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, roi_for_box
 
         self.delayDisplay("Phantom volume")
         image, labels = make_phantom((32, 48, 48), seed=1, spacing=(2.0, 1.0, 1.0), n_objects=1)

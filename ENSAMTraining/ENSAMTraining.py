@@ -183,7 +183,7 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _run(self, action, *args):
         """Call a logic action; a refusal is shown to the user, then the GUI follows the new state.
         torch, MONAI and scipy are installed first (after asking) when they are missing."""
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
         from ENSAMTrainingLib.slicerlogic.controller import USER_ERRORS
 
         if not dependencies.ensure_dependencies():
@@ -313,7 +313,7 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDataFolder(path):
         """What the folder holds, or why it cannot be trained on ("" before torch is installed)."""
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
         from ENSAMTrainingLib.slicerlogic.command import SetupError, check_data_folder
 
         if not dependencies.current_plan().satisfied:
@@ -363,7 +363,7 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def currentModel(self, p):
         """The model to fine-tune: 'Start from model', else ENSAM Segment's model, else the shipped default."""
-        from ENSAMSegmentLib.promptcontroller import DEFAULT_MODEL
+        from ENSAMSegmentLib.mrml.promptcontroller import DEFAULT_MODEL
 
         if _path(p.initModel) is not None:
             return _path(p.initModel)
@@ -411,7 +411,7 @@ class ENSAMTrainingTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         self.setUp()
         self.assertTrue(dependencies.ensure_dependencies(), "ENSAM's Python dependencies are missing")

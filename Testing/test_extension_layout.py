@@ -6,6 +6,7 @@ CMakeLists.txt but missing, or a Lib file that is not listed (so not installed),
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -123,3 +124,47 @@ def test_lint_clean():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The layers of ENSAMSegmentLib, bottom up, and what each may import from the project and from Slicer/Qt.
+# Imports point down only: core knows nothing of Slicer or Qt; mrml/ and evaluation/ use Slicer's
+# Python wheel (slicer-core) but no Qt; the front-ends sit on top.
+LAYERS = {
+    "core": {"project": {"core"}, "slicer": False, "qt": False},
+    "mrml": {"project": {"core", "mrml"}, "slicer": True, "qt": False},
+    "evaluation": {"project": {"core", "evaluation"}, "slicer": True, "qt": False},
+    "cli": {"project": {"core", "mrml", "evaluation", "cli", "webapp"}, "slicer": True, "qt": False},
+    "webapp": {"project": {"core", "mrml", "webapp"}, "slicer": True, "qt": False},
+}
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                package = path.parent.relative_to(LIB.parent).parts
+                base = package[: len(package) - node.level + 1]
+                yield ".".join(base + ((node.module,) if node.module else ()))
+            else:
+                yield node.module or ""
+
+
+LIB = ROOT / "ENSAMSegment" / "ENSAMSegmentLib"
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_imports_point_down(layer):
+    rule = LAYERS[layer]
+    for path in sorted((LIB / layer).rglob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top == "ENSAMSegmentLib" and "." in name:
+                assert name.split(".")[1] in rule["project"] | {"__init__"} or name.split(".")[1] == "__version__", \
+                    f"{path.relative_to(ROOT)} imports {name}: layer {layer} may import only {sorted(rule['project'])}"
+            if top in ("slicer", "vtk", "vtkmodules", "trame_slicer"):
+                assert rule["slicer"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Slicer"
+            if top in ("qt", "ctk", "PythonQt") or name.startswith(("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper")):
+                assert rule["qt"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Qt"

@@ -1,6 +1,6 @@
 """What can be checked here of the Slicer front-end (the Slicer app itself cannot run here).
 
-- the first-run dependency decision (ENSAMSegmentLib.dependencies), on real version strings;
+- the first-run dependency decision (ENSAMSegmentLib.slicerui.dependencies), on real version strings;
 - the module and effect sources: they parse, pass ruff, use only widget names the .ui defines,
   and agree with each other on the effect's name, class and registration;
 - the shared keyboard-shortcut table: one key per action, no clash with the Segment Editor's keys;
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib import dependencies as deps
+from ENSAMSegmentLib.slicerui import dependencies as deps
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "ENSAMSegment" / "ENSAMSegment.py"
 EFFECT = ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "SegmentEditorEffect.py"
-CONTROLLER = ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "promptcontroller.py"
+CONTROLLER = ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "mrml" / "promptcontroller.py"
 UI = ROOT / "ENSAMSegment" / "Resources" / "UI" / "ENSAMSegment.ui"
-FRONTEND_FILES = [MODULE, EFFECT, CONTROLLER, ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "dependencies.py"]
+FRONTEND_FILES = [MODULE, EFFECT, CONTROLLER, ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "slicerui" / "dependencies.py"]
 
 
 # --- dependency decision ---------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_installed_version_without_metadata_falls_back_to_module():
 def test_dependencies_module_imports_without_torch():
     """It runs before torch exists: importing it must not import torch, MONAI or slicer."""
     code = (
-        "import sys; import ENSAMSegmentLib.dependencies as d; "
+        "import sys; import ENSAMSegmentLib.slicerui.dependencies as d; "
         "bad = {'torch', 'monai', 'slicer', 'qt'} & set(sys.modules); "
         "assert not bad, bad; print(d.TORCH.spec)"
     )
@@ -143,7 +143,7 @@ def test_dependencies_module_imports_without_torch():
 def test_frontend_modules_import_without_torch():
     """The module imports these at load time, before torch may exist."""
     code = (
-        "import sys; import ENSAMSegmentLib.promptcontroller as c; "
+        "import sys; import ENSAMSegmentLib.mrml.promptcontroller as c; "
         "bad = {'torch', 'monai', 'qt'} & set(sys.modules); assert not bad, bad; print(len(c.ACTIONS))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -181,7 +181,7 @@ def _ui_parameter_widgets() -> dict[str, str]:
 
 
 def test_frontend_sources_parse_and_pass_ruff():
-    for path in FRONTEND_FILES + [ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "promptpanel.py"]:
+    for path in FRONTEND_FILES + [ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "slicerui" / "promptpanel.py"]:
         _tree(path)
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--quiet", *map(str, FRONTEND_FILES)],
@@ -199,7 +199,7 @@ def test_every_ui_name_the_module_uses_exists():
 
 
 def test_action_buttons_cover_every_action():
-    from ENSAMSegmentLib.promptcontroller import ACTIONS
+    from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
 
     tree = _tree(MODULE)
     dicts = [n for n in ast.walk(tree) if isinstance(n, ast.Dict) and n.keys
@@ -235,7 +235,7 @@ def test_parameter_node_fields_match_ui_connectors():
 
 
 def test_shortcuts_unique_and_clear_of_segment_editor_keys():
-    from ENSAMSegmentLib.promptcontroller import ACTIONS, SEGMENT_EDITOR_KEYS, TOOLS
+    from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, SEGMENT_EDITOR_KEYS, TOOLS
 
     keys = [key.upper() for _, key in ACTIONS.values()]
     assert len(keys) == len(set(keys)) == 6
@@ -301,15 +301,15 @@ def test_self_test_runs_the_shared_scenarios_and_is_registered():
 
 
 def test_constants_agree_with_the_core():
-    from ENSAMSegmentLib import devices, modelfile
-    from ENSAMSegmentLib.promptcontroller import DEFAULT_MODEL, DEVICES
+    from ENSAMSegmentLib.core import devices, modelfile
+    from ENSAMSegmentLib.mrml.promptcontroller import DEFAULT_MODEL, DEVICES
 
     assert DEVICES == devices.DEVICE_NAMES
     assert DEFAULT_MODEL == modelfile.default_model_path()
 
 
 def test_model_choices(tmp_path):
-    from ENSAMSegmentLib.promptcontroller import model_choices
+    from ENSAMSegmentLib.mrml.promptcontroller import model_choices
 
     default = tmp_path / "default.pt"
     assert model_choices(tmp_path / "missing", default) == [("Default (shipped with the extension)", default)]
@@ -363,8 +363,8 @@ BOX = ((6, 8, 10), (17, 23, 29))  # inclusive (z, y, x)
 
 @pytest.fixture(scope="module")
 def small_model_file(tmp_path_factory):
-    from ENSAMSegmentLib.modelfile import create_untrained_model_file
-    from ENSAMSegmentLib.network import ENSAMConfig
+    from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+    from ENSAMSegmentLib.core.network import ENSAMConfig
 
     return create_untrained_model_file(tmp_path_factory.mktemp("model") / "small.pt", seed=0,
                                        config=ENSAMConfig(**SMALL))
@@ -374,10 +374,10 @@ def small_model_file(tmp_path_factory):
 def loop(small_model_file, one_thread):
     """(headless scene, volume node, geometry, controller) with the image already encoded."""
     pytest.importorskip("slicer", reason="needs the slicer-core wheel")
-    from ENSAMSegmentLib.geometry import VolumeGeometry
+    from ENSAMSegmentLib.core.geometry import VolumeGeometry
     from ENSAMSegmentLib.mrml import volumes
     from ENSAMSegmentLib.mrml.scene import new_scene
-    from ENSAMSegmentLib.promptcontroller import PromptController
+    from ENSAMSegmentLib.mrml.promptcontroller import PromptController
 
     headless = new_scene()
     rng = np.random.default_rng(0)
@@ -407,7 +407,7 @@ def loop(small_model_file, one_thread):
 
 def _place_box(controller, geometry, box=BOX):
     from ENSAMSegmentLib.mrml import prompts
-    from ENSAMSegmentLib.promptcontroller import roi_for_box
+    from ENSAMSegmentLib.mrml.promptcontroller import roi_for_box
 
     roi = controller.prompt_nodes()[2]
     prompts.set_roi(roi, *roi_for_box(geometry, *box))
@@ -424,7 +424,7 @@ def test_roi_for_box_gives_back_the_box_on_every_grid():
     from ENSAMSegmentLib.mrml import prompts
     from ENSAMSegmentLib.mrml.scene import new_scene
     from ENSAMSegmentLib.mrml.selftest_scenarios import SHAPE, geometries
-    from ENSAMSegmentLib.promptcontroller import roi_for_box
+    from ENSAMSegmentLib.mrml.promptcontroller import roi_for_box
 
     headless = new_scene()
     roi = headless.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
@@ -554,7 +554,7 @@ def test_masking_settings_of_the_editor_node_are_followed(loop, small_model_file
     editor = headless.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
     editor.SetOverwriteMode(OVERWRITE_MODES["all"])
     controller.cleanup()
-    from ENSAMSegmentLib.promptcontroller import PromptController
+    from ENSAMSegmentLib.mrml.promptcontroller import PromptController
 
     overwriting = PromptController(headless.scene, headless.app_logic, editor_node=editor)
     overwriting.set_model(small_model_file, "cpu")

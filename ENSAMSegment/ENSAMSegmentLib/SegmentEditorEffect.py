@@ -18,7 +18,7 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from ENSAMSegmentLib.promptcontroller import ACTIONS, DEFAULT_MODEL, DEVICES, model_choices
+from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, DEFAULT_MODEL, DEVICES, model_choices
 
 EFFECT_NAME = "ENSAM"
 ICON = Path(__file__).parents[1] / "Resources" / "Icons" / "SegmentEditorENSAM.png"
@@ -66,7 +66,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     # -- options -------------------------------------------------------------------------------
 
     def setupOptionsFrame(self):
-        from ENSAMSegmentLib.promptpanel import PromptPanel
+        from ENSAMSegmentLib.slicerui.promptpanel import PromptPanel
 
         grid = qt.QGridLayout()
         buttons = {}
@@ -167,7 +167,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _syncController(self):
         """Segment Editor state -> controller (source volume, segmentation, selected segment, model)."""
-        from ENSAMSegmentLib.promptcontroller import PromptController
+        from ENSAMSegmentLib.mrml.promptcontroller import PromptController
 
         editor = self.scriptedEffect.parameterSetNode()
         if editor is None:
@@ -204,7 +204,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.panel.refresh()
 
     def _dependenciesReady(self):
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         ready = dependencies.current_plan().satisfied
         self.installButton.visible = not ready
@@ -213,7 +213,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return ready
 
     def onInstallDependencies(self):
-        from ENSAMSegmentLib import dependencies
+        from ENSAMSegmentLib.slicerui import dependencies
 
         if dependencies.ensure_dependencies() and self._dependenciesReady() and self.scriptedEffect.active():
             self.activate()

@@ -57,7 +57,7 @@ def run_ablation(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        from ENSAMSegmentLib.phantom import write_challenge_dataset
+        from ENSAMSegmentLib.core.phantom import write_challenge_dataset
 
         data = out / "data"
         if not any(data.glob("*.npz")):
@@ -99,9 +99,9 @@ def run_ablation(
 
 def phantom_sample(shape: tuple[int, int, int], seed: int = 0) -> Sample:
     """A training sample of exactly ``shape`` (multiples of 8): phantom CT, its liver, a box."""
-    from ENSAMSegmentLib.intensity import to_uint8
-    from ENSAMSegmentLib.phantom import make_phantom
-    from ENSAMSegmentLib.simulation import random_box_3d
+    from ENSAMSegmentLib.core.intensity import to_uint8
+    from ENSAMSegmentLib.core.phantom import make_phantom
+    from ENSAMSegmentLib.core.simulation import random_box_3d
 
     image, labels = make_phantom(shape, seed, n_objects=3)
     mask = labels == 1

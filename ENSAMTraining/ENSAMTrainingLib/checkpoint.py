@@ -58,7 +58,7 @@ def _as_tuple(value):
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    from ENSAMSegmentLib.modelfile import atomic_torch_save
+    from ENSAMSegmentLib.core.modelfile import atomic_torch_save
 
     return atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 

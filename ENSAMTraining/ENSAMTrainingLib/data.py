@@ -278,7 +278,7 @@ def read_case_list(path: str | Path, root: str | Path) -> list[CaseRef]:
 
 def _npz_spacing(data) -> tuple[float, float, float]:
     """(z, y, x) mm from a challenge npz (geometry.py decides the stored order); 1 mm when absent."""
-    from ENSAMSegmentLib.geometry import GeometryError, npz_spacing_to_zyx
+    from ENSAMSegmentLib.core.geometry import GeometryError, npz_spacing_to_zyx
 
     try:
         return npz_spacing_to_zyx(data["spacing"])
@@ -303,7 +303,7 @@ def _load_npz(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[float,
 
 def intensity_modality(modality: str) -> str:
     """A dataset's modality name -> the ``modality`` argument of intensity.to_uint8 ("auto" if unknown)."""
-    from ENSAMSegmentLib.intensity import MODALITIES
+    from ENSAMSegmentLib.core.intensity import MODALITIES
 
     name = modality.lower()
     name = {"mri": "mr", "t1": "mr", "t2": "mr", "flair": "mr", "ultrasound": "us", "pet-ct": "pet"}.get(name, name)
@@ -311,8 +311,8 @@ def intensity_modality(modality: str) -> str:
 
 
 def _load_pair(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
-    from ENSAMSegmentLib.imageio import ImageReadError, read_image
-    from ENSAMSegmentLib.intensity import IntensityError, to_uint8
+    from ENSAMSegmentLib.core.imageio import ImageReadError, read_image
+    from ENSAMSegmentLib.core.intensity import IntensityError, to_uint8
 
     try:
         image, geometry = read_image(ref.image)
@@ -440,7 +440,7 @@ def make_sample(
     box_offset: bool = True,
 ) -> Sample:
     """One training sample from ``case``: a random labelled instance, cropped, pooled, padded."""
-    from ENSAMSegmentLib.simulation import random_box_3d
+    from ENSAMSegmentLib.core.simulation import random_box_3d
 
     values = np.unique(case.labels)
     values = values[values > 0]

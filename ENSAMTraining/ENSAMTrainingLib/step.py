@@ -45,7 +45,7 @@ CLICKS = 5
 
 def prompts_for(box, fg: list, bg: list, device: torch.device):
     """The network's Prompts for one object with a box (or None) and click lists of (z, y, x)."""
-    from ENSAMSegmentLib.network import Prompts
+    from ENSAMSegmentLib.core.network import Prompts
 
     return Prompts.from_objects([{"box": box, "fg": list(fg), "bg": list(bg)}]).to(device)
 
@@ -58,7 +58,7 @@ def interact(
     gt: [D, H, W] bool, the object's mask on the model's grid. rng: tie-breaks of next_click
     (None = the challenge evaluator's). Stops early when the prediction has no error left.
     """
-    from ENSAMSegmentLib.simulation import next_click
+    from ENSAMSegmentLib.core.simulation import next_click
 
     device = next(model.parameters()).device
     fg, bg = [], []

@@ -187,10 +187,10 @@ def split_cases(config: TrainConfig) -> tuple[list[CaseRef], list[CaseRef]]:
 
 def build_model(config: TrainConfig, device: torch.device, model_config: dict | None = None) -> nn.Module:
     """A new ENSAM (from ``model_config`` or config.model_config), or the model of ``init_model``."""
-    from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 
     if model_config is None and config.init_model:
-        from ENSAMSegmentLib.modelfile import ModelFileError, load_model
+        from ENSAMSegmentLib.core.modelfile import ModelFileError, load_model
 
         try:
             model, _info = load_model(config.init_model, device)
@@ -207,7 +207,7 @@ def build_model(config: TrainConfig, device: torch.device, model_config: dict | 
 
 
 def renormalize(model: nn.Module) -> None:
-    from ENSAMSegmentLib.network import renormalize_weights
+    from ENSAMSegmentLib.core.network import renormalize_weights
 
     renormalize_weights(model)
 
@@ -566,7 +566,7 @@ class Trainer:
     def _finish(self) -> TrainResult:
         model_path = self.out / "model.pt"
         if self.main:
-            from ENSAMSegmentLib.modelfile import save_model
+            from ENSAMSegmentLib.core.modelfile import save_model
 
             save_model(
                 model_path,

@@ -22,7 +22,7 @@ VAL_SEED_OFFSET = 99_991
 
 def case_steps(model: nn.Module, sample, clicks: int = CLICKS, amp: bool = True) -> tuple[list[float], list[float]]:
     """Per-step (DSC, NSD) lists of one sample; a run that ends early (no error left) repeats its last values."""
-    from ENSAMSegmentLib.metrics import case_metrics
+    from ENSAMSegmentLib.core.metrics import case_metrics
 
     device = next(model.parameters()).device
     gt = sample.target[0, 0].numpy() > 0.5
@@ -55,7 +55,7 @@ def validate(
     AUCs follow the challenge (steps 2..6, so at most 4.0) and are None unless clicks == 5.
     Returns None when no case could be used.
     """
-    from ENSAMSegmentLib.metrics import auc_over_steps
+    from ENSAMSegmentLib.core.metrics import auc_over_steps
 
     was_training = model.training
     model.eval()

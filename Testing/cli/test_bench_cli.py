@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from ENSAMSegmentLib.benchmark import BenchmarkError, make_scenario, parse_shape, stats, targets
+from ENSAMSegmentLib.evaluation.benchmark import BenchmarkError, make_scenario, parse_shape, stats, targets
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.modelfile import create_untrained_model_file, default_model_path
-from ENSAMSegmentLib.network import ENSAMConfig
+from ENSAMSegmentLib.core.modelfile import create_untrained_model_file, default_model_path
+from ENSAMSegmentLib.core.network import ENSAMConfig
 
 TINY = "32,48,48"
 POSITIVE = ("encoder_s", "encoder_s_p95", "set_image_s_median", "box_s_median", "box_s_p95", "click_s_median",

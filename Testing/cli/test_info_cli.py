@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.modelfile import create_untrained_model_file
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
-from ENSAMSegmentLib.network.complexity import count_macs
+from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.network.complexity import count_macs
 
 
 def test_info_json_without_a_file(capsys):

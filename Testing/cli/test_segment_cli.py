@@ -9,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.geometry import VolumeGeometry, rotation_matrix
-from ENSAMSegmentLib.imageio import read_image
-from ENSAMSegmentLib.modelfile import create_untrained_model_file
-from ENSAMSegmentLib.network import ENSAMConfig
-from ENSAMSegmentLib.phantom import make_phantom
+from ENSAMSegmentLib.core.geometry import VolumeGeometry, rotation_matrix
+from ENSAMSegmentLib.core.imageio import read_image
+from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+from ENSAMSegmentLib.core.network import ENSAMConfig
+from ENSAMSegmentLib.core.phantom import make_phantom
 
 SMALL = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), mlp_hidden=64)
 SHAPE = (24, 40, 32)  # z, y, x: deliberately not multiples of 8
@@ -147,7 +147,7 @@ def test_missing_image_and_bad_model_file(tmp_path, model_file, capsys):
 
 
 def test_challenge_npz_input_writes_segs(tmp_path, model_file, capsys):
-    from ENSAMSegmentLib.phantom import write_challenge_dataset
+    from ENSAMSegmentLib.core.phantom import write_challenge_dataset
 
     case = write_challenge_dataset(tmp_path / "data", 1, shape=(24, 32, 32), seed=1)[0]
     out = tmp_path / "out.npz"

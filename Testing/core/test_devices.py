@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ENSAMSegmentLib import devices
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
-from ENSAMSegmentLib.phantom import make_phantom
-from ENSAMSegmentLib.session import InferenceSession
+from ENSAMSegmentLib.core import devices
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.phantom import make_phantom
+from ENSAMSegmentLib.core.session import InferenceSession
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 CPU = torch.device("cpu")

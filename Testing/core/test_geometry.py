@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ENSAMSegmentLib.geometry import (
+from ENSAMSegmentLib.core.geometry import (
     LPS_TO_RAS,
     GeometryError,
     OutsideVolumeError,

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.growcut import (
+from ENSAMSegmentLib.evaluation.growcut import (
     BACKGROUND,
     FOREGROUND,
     GrowCutError,
@@ -15,7 +15,7 @@ from ENSAMSegmentLib.growcut import (
     grown_extent,
     seeds_from_prompts,
 )
-from ENSAMSegmentLib.metrics import dice
+from ENSAMSegmentLib.core.metrics import dice
 
 SHAPE = (24, 40, 40)
 CENTRE = (12, 20, 21)

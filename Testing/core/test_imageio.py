@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ENSAMSegmentLib.geometry import VolumeGeometry, rotation_matrix
-from ENSAMSegmentLib.imageio import (
+from ENSAMSegmentLib.core.geometry import VolumeGeometry, rotation_matrix
+from ENSAMSegmentLib.core.imageio import (
     ChallengeCase,
     ImageReadError,
     ImageWriteError,

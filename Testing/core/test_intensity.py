@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.intensity import (
+from ENSAMSegmentLib.core.intensity import (
     CT_WINDOWS,
     IntensityError,
     guess_modality,

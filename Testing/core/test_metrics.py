@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import compute_surface_dice
 
-from ENSAMSegmentLib.metrics import (
+from ENSAMSegmentLib.core.metrics import (
     MetricError,
     auc_over_steps,
     case_metrics,

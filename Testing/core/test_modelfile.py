@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from ENSAMSegmentLib.modelfile import (
+from ENSAMSegmentLib.core.modelfile import (
     UNTRAINED,
     ArchitectureMismatchError,
     CorruptModelFileError,
@@ -21,7 +21,7 @@ from ENSAMSegmentLib.modelfile import (
     read_model_info,
     save_model,
 )
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
 
 SMALL = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ENSAMSegmentLib.network import (
+from ENSAMSegmentLib.core.network import (
     ENSAM,
     ENSAMConfig,
     ImageEmbedding,
@@ -15,8 +15,8 @@ from ENSAMSegmentLib.network import (
     pad_to_multiple,
     renormalize_weights,
 )
-from ENSAMSegmentLib.network.ngpt import InteractionLayer, NormLinear
-from ENSAMSegmentLib.network.prompts import grid_positions, voxel_to_position
+from ENSAMSegmentLib.core.network.ngpt import InteractionLayer, NormLinear
+from ENSAMSegmentLib.core.network.prompts import grid_positions, voxel_to_position
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 

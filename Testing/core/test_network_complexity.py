@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
-from ENSAMSegmentLib.network.complexity import MAX_PATCH, count_macs, count_parameters, measure_macs, summary
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
+from ENSAMSegmentLib.core.network.complexity import MAX_PATCH, count_macs, count_parameters, measure_macs, summary
 
 
 def test_default_config_matches_the_paper_size():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts, renormalize_weights
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts, renormalize_weights
 
 SHAPE = (16, 24, 24)
 SMALL = ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)

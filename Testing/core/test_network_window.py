@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
-from ENSAMSegmentLib.network.blocks import group_norm
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
+from ENSAMSegmentLib.core.network.blocks import group_norm
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 SHAPE = (24, 32, 40)  # distinct sides: an axis mix-up cannot pass

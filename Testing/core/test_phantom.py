@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ENSAMSegmentLib.imageio import read_challenge_npz, read_image
-from ENSAMSegmentLib.phantom import (
+from ENSAMSegmentLib.core.imageio import read_challenge_npz, read_image
+from ENSAMSegmentLib.core.phantom import (
     SAMPLE_FILES,
     PhantomError,
     load_sample,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from ENSAMSegmentLib.modelfile import create_untrained_model_file
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
-from ENSAMSegmentLib.phantom import make_phantom
-from ENSAMSegmentLib.session import (
+from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.phantom import make_phantom
+from ENSAMSegmentLib.core.session import (
     ImageTooLargeError, InferenceSession, InvalidImageError, InvalidPromptError, ModelLoadError, NoImageError,
     SessionClosedError, SessionError, StaleRequest, UnknownObjectError, boost_empty, merge_into,
 )

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ENSAMSegmentLib.metrics import dice
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
-from ENSAMSegmentLib.phantom import make_phantom
-from ENSAMSegmentLib.session import InferenceSession
-from ENSAMSegmentLib.session_region import (
+from ENSAMSegmentLib.core.metrics import dice
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.phantom import make_phantom
+from ENSAMSegmentLib.core.session import InferenceSession
+from ENSAMSegmentLib.core.session_region import (
     Grid, MaskCrop, Placed, box_grid, changed_region, decode_region, grid_input, pool_factors, resample,
     whole_grid,
 )

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ENSAMSegmentLib.intensity import to_uint8
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
-from ENSAMSegmentLib.phantom import make_phantom
-from ENSAMSegmentLib.session import InferenceSession
-from ENSAMSegmentLib.session_region import Grid, union
-from ENSAMSegmentLib.session_window import MIN_FACE_VOXELS, click_window, grow_window
+from ENSAMSegmentLib.core.intensity import to_uint8
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
+from ENSAMSegmentLib.core.phantom import make_phantom
+from ENSAMSegmentLib.core.session import InferenceSession
+from ENSAMSegmentLib.core.session_region import Grid, union
+from ENSAMSegmentLib.core.session_window import MIN_FACE_VOXELS, click_window, grow_window
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 SHAPE = (32, 48, 48)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.simulation import (
+from ENSAMSegmentLib.core.simulation import (
     SimulationError,
     box_dict_to_3d,
     challenge_boxes,

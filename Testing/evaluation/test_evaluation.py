@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.evaluation import (
+from ENSAMSegmentLib.evaluation.protocol import (
     FileStepper,
     MethodStepper,
     evaluate,
@@ -15,11 +15,11 @@ from ENSAMSegmentLib.evaluation import (
     load_eval_case,
     run_protocol,
 )
-from ENSAMSegmentLib.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
-from ENSAMSegmentLib.metrics import auc_over_steps, dice
-from ENSAMSegmentLib.phantom import write_challenge_dataset
-from ENSAMSegmentLib.predictor import BoxMethod, GrowCutMethod, Method, predict_case, predict_folder
-from ENSAMSegmentLib.simulation import box_dict_to_3d, next_click
+from ENSAMSegmentLib.core.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
+from ENSAMSegmentLib.core.metrics import auc_over_steps, dice
+from ENSAMSegmentLib.core.phantom import write_challenge_dataset
+from ENSAMSegmentLib.evaluation.predictor import BoxMethod, GrowCutMethod, Method, predict_case, predict_folder
+from ENSAMSegmentLib.core.simulation import box_dict_to_3d, next_click
 
 SHAPE = (24, 40, 40)
 

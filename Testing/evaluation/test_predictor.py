@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
-from ENSAMSegmentLib.predictor import (
+from ENSAMSegmentLib.core.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
+from ENSAMSegmentLib.evaluation.predictor import (
     BoxMethod,
     CaseError,
     GrowCutMethod,
@@ -14,7 +14,7 @@ from ENSAMSegmentLib.predictor import (
     predict_case,
     predict_folder,
 )
-from ENSAMSegmentLib.simulation import challenge_boxes
+from ENSAMSegmentLib.core.simulation import challenge_boxes
 
 SHAPE = (10, 12, 14)
 

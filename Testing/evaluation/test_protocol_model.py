@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.evaluation import FileStepper, MethodStepper, evaluate, list_cases
-from ENSAMSegmentLib.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
-from ENSAMSegmentLib.modelfile import load_model, save_model
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts
-from ENSAMSegmentLib.phantom import write_challenge_dataset
-from ENSAMSegmentLib.predictor import EnsamMethod, predict_case
-from ENSAMSegmentLib.simulation import box_dict_to_3d
+from ENSAMSegmentLib.evaluation.protocol import FileStepper, MethodStepper, evaluate, list_cases
+from ENSAMSegmentLib.core.imageio import ChallengeCase, read_challenge_npz, write_challenge_npz
+from ENSAMSegmentLib.core.modelfile import load_model, save_model
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
+from ENSAMSegmentLib.core.phantom import write_challenge_dataset
+from ENSAMSegmentLib.evaluation.predictor import EnsamMethod, predict_case
+from ENSAMSegmentLib.core.simulation import box_dict_to_3d
 
 ROOT = Path(__file__).resolve().parents[2]
 PREDICT_SH = ROOT / "Resources" / "Challenge" / "predict.sh"

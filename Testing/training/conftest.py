@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.geometry import VolumeGeometry
-from ENSAMSegmentLib.imageio import write_image, write_labelmap
-from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
+from ENSAMSegmentLib.core.geometry import VolumeGeometry
+from ENSAMSegmentLib.core.imageio import write_image, write_labelmap
+from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 
 SHAPE = (24, 40, 40)
 

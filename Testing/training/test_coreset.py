@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SHAPE, write_case
 
-from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
+from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 from ENSAMTrainingLib.coreset import (
     equal_shares,
     label_overflow,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SHAPE, write_case, write_pair
 
-from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
+from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 from ENSAMTrainingLib.data import (
     CaseError,
     EpochSampler,

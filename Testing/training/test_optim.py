@@ -98,7 +98,7 @@ def test_make_optimizers_and_schedule():
 
 
 def test_split_of_the_real_network():
-    from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 
     for encoding in ("liere", "absolute"):
         model = ENSAM(ENSAMConfig(init_filters=8, position_encoding=encoding))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from conftest import TINY_BUDGET, TINY_MODEL
 
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 from ENSAMTrainingLib.data import find_cases, load_case, make_sample
 from ENSAMTrainingLib.loss import segmentation_loss
 from ENSAMTrainingLib.step import InteractiveStep, interact

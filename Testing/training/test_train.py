@@ -15,8 +15,8 @@ import torch
 from conftest import SHAPE, TINY_BUDGET, TINY_MODEL, write_case
 
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.modelfile import load_model, read_model_info
-from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
+from ENSAMSegmentLib.core.modelfile import load_model, read_model_info
+from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 from ENSAMTrainingLib.logs import read_csv
 from ENSAMTrainingLib.progress import ProgressStream, read_events
 from ENSAMTrainingLib.trainer import TrainConfig, resume, train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ENSAMSegmentLib.promptcontroller import USER_MODELS_DIR, model_choices
+from ENSAMSegmentLib.mrml.promptcontroller import USER_MODELS_DIR, model_choices
 from ENSAMTrainingLib.slicerlogic import models
 from ENSAMTrainingLib.slicerlogic.models import ModelInstallError, install_model
 

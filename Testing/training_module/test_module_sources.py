@@ -61,7 +61,7 @@ def test_parameter_node_fields_match_ui_connectors():
 
 
 def test_devices_agree_with_ensamsegment():
-    from ENSAMSegmentLib.promptcontroller import DEVICES
+    from ENSAMSegmentLib.mrml.promptcontroller import DEVICES
 
     tree = ast.parse(MODULE.read_text())
     value = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "DEVICES")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ENSAMSegmentLib.geometry import VolumeGeometry, npz_spacing_to_zyx
-from ENSAMSegmentLib.imageio import read_challenge_npz
-from ENSAMSegmentLib.intensity import to_uint8
+from ENSAMSegmentLib.core.geometry import VolumeGeometry, npz_spacing_to_zyx
+from ENSAMSegmentLib.core.imageio import read_challenge_npz
+from ENSAMSegmentLib.core.intensity import to_uint8
 from ENSAMSegmentLib.mrml import segments, volumes
-from ENSAMSegmentLib.phantom import make_phantom
+from ENSAMSegmentLib.core.phantom import make_phantom
 from ENSAMTrainingLib.slicerlogic.sceneexport import (
     SceneExportError,
     case_name,

@@ -15,8 +15,8 @@ IMAGE_SHAPE = (32, 64, 64)  # (z, y, x)
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory):
     """An untrained (random, seed 0) ENSAM model file of a small configuration."""
-    from ENSAMSegmentLib.modelfile import create_untrained_model_file
-    from ENSAMSegmentLib.network import ENSAMConfig
+    from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+    from ENSAMSegmentLib.core.network import ENSAMConfig
 
     return create_untrained_model_file(tmp_path_factory.mktemp("model") / "small.pt", seed=0,
                                        config=ENSAMConfig(**SMALL))
@@ -25,9 +25,9 @@ def small_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_image(tmp_path_factory):
     """(path, array, geometry): a CT-like phantom (32, 64, 64) written as NRRD, anisotropic spacing."""
-    from ENSAMSegmentLib.geometry import VolumeGeometry
-    from ENSAMSegmentLib.imageio import write_image
-    from ENSAMSegmentLib.phantom import make_phantom
+    from ENSAMSegmentLib.core.geometry import VolumeGeometry
+    from ENSAMSegmentLib.core.imageio import write_image
+    from ENSAMSegmentLib.core.phantom import make_phantom
 
     image, _labels = make_phantom(shape_zyx=IMAGE_SHAPE, seed=1, n_objects=2, spacing=(2.0, 1.5, 1.5))
     geometry = VolumeGeometry.from_lps((1.5, 1.5, 2.0), (10.0, -20.0, 5.0), np.eye(3), image.shape)

@@ -181,7 +181,7 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
 
 
 def test_browser_box_click_save(chromium, web_server, tmp_path):
-    from ENSAMSegmentLib.imageio import read_segmentation_nrrd
+    from ENSAMSegmentLib.core.imageio import read_segmentation_nrrd
 
     out_dir, log_path = web_server.out_dir, web_server.log_path
     started = time.monotonic()

@@ -50,7 +50,7 @@ def _run(app, scenario):
 def _place_box(app, box=BOX):
     """What Slicer's ROI widget does for two clicks in a slice view: the ROI is set while placing."""
     from ENSAMSegmentLib.mrml import prompts
-    from ENSAMSegmentLib.promptcontroller import roi_for_box
+    from ENSAMSegmentLib.mrml.promptcontroller import roi_for_box
 
     app.run_action("box")
     assert app.state.ensam_tool == "box"
@@ -61,7 +61,7 @@ def _place_box(app, box=BOX):
 
 
 def test_page_state_follows_box_click_undo_next_and_save(web_app):
-    from ENSAMSegmentLib.imageio import read_segmentation_nrrd
+    from ENSAMSegmentLib.core.imageio import read_segmentation_nrrd
     from ENSAMSegmentLib.webapp.app import UNTRAINED_NOTE
 
     state, controller = web_app.state, web_app.controller
@@ -132,7 +132,7 @@ def test_save_before_any_segment_says_so(web_app):
 
 
 def test_views_show_the_volume_and_page_has_every_action(web_app):
-    from ENSAMSegmentLib.promptcontroller import ACTIONS
+    from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
 
     views = web_app.slicer.view_manager.get_slice_views()
     assert sorted(v.get_orientation() for v in views) == ["Axial", "Coronal", "Sagittal"]
@@ -145,7 +145,7 @@ def test_views_show_the_volume_and_page_has_every_action(web_app):
 
 
 def test_key_table_is_the_shared_shortcuts():
-    from ENSAMSegmentLib.promptcontroller import ACTIONS
+    from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
     from ENSAMSegmentLib.webapp.layout import key_table
 
     keys = key_table()
@@ -164,7 +164,7 @@ def test_image_name(name, expected):
 
 
 def test_model_summary_trained_and_untrained(small_model, tmp_path):
-    from ENSAMSegmentLib.modelfile import ModelFileNotFoundError, load_model, save_model
+    from ENSAMSegmentLib.core.modelfile import ModelFileNotFoundError, load_model, save_model
     from ENSAMSegmentLib.webapp.app import UNTRAINED_NOTE, model_summary
 
     assert model_summary(small_model) == ("Model: small.pt", UNTRAINED_NOTE)

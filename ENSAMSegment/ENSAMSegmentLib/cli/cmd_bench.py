@@ -7,7 +7,7 @@ the first box, a click with the embedding cached, the merge; peak memory; and Gr
 its first computation, then an update after one more seed with the same filter reused.
 Without a model file an untrained model of the default architecture is used (a click's time depends
 a little on the weights: its decoding window grows when the mask changes at the window's faces).
-Details: ENSAMSegmentLib/benchmark.py.
+Details: ENSAMSegmentLib/evaluation/benchmark.py.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.benchmark import BenchmarkError, format_report, parse_shape, run_benchmark
-    from ENSAMSegmentLib.growcut import GrowCutError
-    from ENSAMSegmentLib.session import SessionError
+    from ENSAMSegmentLib.evaluation.benchmark import BenchmarkError, format_report, parse_shape, run_benchmark
+    from ENSAMSegmentLib.evaluation.growcut import GrowCutError
+    from ENSAMSegmentLib.core.session import SessionError
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

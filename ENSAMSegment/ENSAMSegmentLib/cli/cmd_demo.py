@@ -26,9 +26,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ENSAMSegmentLib.cli.cmd_segment import segment_array
-    from ENSAMSegmentLib.imageio import read_image, write_labelmap
-    from ENSAMSegmentLib.metrics import dice
-    from ENSAMSegmentLib.phantom import read_sample_info, sample_data_path
+    from ENSAMSegmentLib.core.imageio import read_image, write_labelmap
+    from ENSAMSegmentLib.core.metrics import dice
+    from ENSAMSegmentLib.core.phantom import read_sample_info, sample_data_path
 
     image_path = sample_data_path("image")
     info = read_sample_info()

@@ -38,9 +38,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.evaluation import MethodStepper, evaluate, list_cases
-    from ENSAMSegmentLib.predictor import MethodError, make_method
-    from ENSAMSegmentLib.reports import build_summary, plot_steps, write_steps_csv, write_summary_json
+    from ENSAMSegmentLib.evaluation.protocol import MethodStepper, evaluate, list_cases
+    from ENSAMSegmentLib.evaluation.predictor import MethodError, make_method
+    from ENSAMSegmentLib.evaluation.reports import build_summary, plot_steps, write_steps_csv, write_summary_json
 
     if not args.data.is_dir():
         raise UserError(f"--data {args.data} is not a folder")

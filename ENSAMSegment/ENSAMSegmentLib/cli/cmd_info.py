@@ -24,9 +24,9 @@ def register(subparsers) -> None:
 
 
 def describe(checkpoint: Path | None) -> dict:
-    from ENSAMSegmentLib.modelfile import ModelFileError, read_model_info
-    from ENSAMSegmentLib.network import ENSAMConfig
-    from ENSAMSegmentLib.network.complexity import summary
+    from ENSAMSegmentLib.core.modelfile import ModelFileError, read_model_info
+    from ENSAMSegmentLib.core.network import ENSAMConfig
+    from ENSAMSegmentLib.core.network.complexity import summary
 
     info = None
     if checkpoint is not None:

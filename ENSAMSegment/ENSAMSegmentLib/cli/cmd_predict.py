@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.predictor import MethodError, make_method, predict_folder
+    from ENSAMSegmentLib.evaluation.predictor import MethodError, make_method, predict_folder
 
     if not args.input.is_dir():
         raise UserError(f"--input {args.input} is not a folder")

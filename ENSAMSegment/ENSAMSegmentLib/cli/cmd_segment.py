@@ -3,7 +3,7 @@
 Prompts are applied in the order given: the box first (when given), then every --fg/--bg click in
 command-line order, each step feeding the previous logits back, as in interactive use.
 Coordinates are voxel indices z,y,x by default; with --ras they are physical RAS millimetres
-(Slicer's convention; the files themselves store LPS), converted by ENSAMSegmentLib.geometry.
+(Slicer's convention; the files themselves store LPS), converted by ENSAMSegmentLib.core.geometry.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def register(subparsers) -> None:
 
 def resolve_prompts(args, geometry) -> tuple[tuple | None, list[tuple[tuple[int, int, int], bool]]]:
     """The box and clicks as voxel indices (z,y,x) in the image, whatever the input convention."""
-    from ENSAMSegmentLib.geometry import GeometryError
+    from ENSAMSegmentLib.core.geometry import GeometryError
 
     try:
         box = None
@@ -142,7 +142,7 @@ def _voxel_index(point, geometry) -> np.ndarray:
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.imageio import ImageReadError, read_image
+    from ENSAMSegmentLib.core.imageio import ImageReadError, read_image
 
     try:
         array, geometry = read_image(args.image)
@@ -164,7 +164,7 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
     """Run the prompts through an InferenceSession; returns the labels and a JSON-ready report.
     Each step in prompts_ijk says how its logits were decoded ("whole", box "region", click "window");
     a click also says how often its window grew (window_growth)."""
-    from ENSAMSegmentLib.session import InferenceSession, SessionError
+    from ENSAMSegmentLib.core.session import InferenceSession, SessionError
 
     started = time.perf_counter()
     try:
@@ -207,7 +207,7 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
 
 
 def write_outputs(args, labels, geometry, report) -> None:
-    from ENSAMSegmentLib.imageio import write_labelmap, write_segmentation_nrrd, write_segs_npz
+    from ENSAMSegmentLib.core.imageio import write_labelmap, write_segmentation_nrrd, write_segs_npz
 
     outputs = []
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     _check_web_extra()
-    from ENSAMSegmentLib.imageio import ImageReadError
-    from ENSAMSegmentLib.modelfile import ModelFileError
-    from ENSAMSegmentLib.phantom import sample_data_path
+    from ENSAMSegmentLib.core.imageio import ImageReadError
+    from ENSAMSegmentLib.core.modelfile import ModelFileError
+    from ENSAMSegmentLib.core.phantom import sample_data_path
 
     image = args.image or sample_data_path("image")
     if not 0 <= args.port <= 65535:

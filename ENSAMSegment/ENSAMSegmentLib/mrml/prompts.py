@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import OutsideVolumeError, VolumeGeometry
+from ENSAMSegmentLib.core.geometry import OutsideVolumeError, VolumeGeometry
 from .volumes import MRMLError, matrix_to_numpy
 
 ROLE_ATTRIBUTE = "ENSAM.ClickRole"

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..geometry import VolumeGeometry
+from ENSAMSegmentLib.core.geometry import VolumeGeometry
 from .volumes import MRMLError, matrix_to_numpy, node_to_world, volume_geometry
 
 Region = tuple[slice, slice, slice]  # (z, y, x), step 1

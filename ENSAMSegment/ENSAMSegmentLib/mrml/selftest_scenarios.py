@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import OutsideVolumeError, VolumeGeometry, rotation_matrix
+from ENSAMSegmentLib.core.geometry import OutsideVolumeError, VolumeGeometry, rotation_matrix
 from . import prompts, segments, volumes
 
 

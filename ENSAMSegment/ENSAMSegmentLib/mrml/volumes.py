@@ -9,7 +9,7 @@ on the voxel shown under it. Writing does the inverse: the node's local IJKToRAS
 ``inv(T_world) @ geometry.ijk_to_ras``. A non-linear (warping) transform above a volume has no
 voxel grid in world space: `NonLinearTransformError` (harden or remove the transform first).
 
-All coordinate maths goes through `ENSAMSegmentLib.geometry`; this file only moves matrices and
+All coordinate maths goes through `ENSAMSegmentLib.core.geometry`; this file only moves matrices and
 arrays between MRML nodes and numpy.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry import GeometryError, VolumeGeometry
+from ENSAMSegmentLib.core.geometry import GeometryError, VolumeGeometry
 
 
 class MRMLError(RuntimeError):

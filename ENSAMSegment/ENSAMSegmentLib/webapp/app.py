@@ -7,7 +7,7 @@
     status line  <--- trame state ---------   `sync_state` (the controller's status and timing)
     slice images <--- RCA JPEG frames -----   Slicer's displayable managers (segments, markups)
 
-Everything about prompts, objects and undo lives in ENSAMSegmentLib/promptcontroller.py; this file
+Everything about prompts, objects and undo lives in ENSAMSegmentLib/mrml/promptcontroller.py; this file
 only wires it to the page: the controller's `wake` starts an asyncio task that calls `poll()` on the
 server's event loop while the controller is busy, the way the Slicer module uses a Qt timer.
 Views are created before any data is added (trame-slicer needs its view pipelines first).
@@ -20,7 +20,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..promptcontroller import ACTIONS, TOOLS
+from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, TOOLS
 
 POLL_SECONDS = 0.03  # while busy: how often finished requests are picked up
 LAYOUT_ID = "ENSAM"
@@ -54,7 +54,7 @@ def image_name(path: Path) -> str:
 
 def model_summary(model_path) -> tuple[str, str]:
     """(what the page says about the model, the untrained note or ''). Raises ModelFileError."""
-    from ..modelfile import default_model_path, read_model_info
+    from ENSAMSegmentLib.core.modelfile import default_model_path, read_model_info
 
     info = read_model_info(model_path or default_model_path())
     label = f"Model: {Path(info.path).name}" + (f" (trained on {info.training_data})" if not info.untrained else "")
@@ -110,9 +110,9 @@ class ENSAMWebApp:
     def __init__(self, image_path, *, model_path=None, device: str = "auto", out_dir=None, server=None):
         from trame.app import get_server
 
-        from ..imageio import read_image
-        from ..mrml.volumes import add_volume
-        from ..promptcontroller import PromptController
+        from ENSAMSegmentLib.core.imageio import read_image
+        from ENSAMSegmentLib.mrml.volumes import add_volume
+        from ENSAMSegmentLib.mrml.promptcontroller import PromptController
         from .layout import build_page
 
         self.image_path = Path(image_path)

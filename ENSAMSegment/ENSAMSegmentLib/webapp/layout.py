@@ -8,7 +8,7 @@ for tests and for anyone scripting the page.
 
 from __future__ import annotations
 
-from ..promptcontroller import ACTIONS
+from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
 
 TOOL_TIPS = {
     "box": "Box: click two opposite corners in a slice view",

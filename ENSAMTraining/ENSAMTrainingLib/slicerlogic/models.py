@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ENSAMSegmentLib.promptcontroller import USER_MODELS_DIR, model_choices
+from ENSAMSegmentLib.mrml.promptcontroller import USER_MODELS_DIR, model_choices
 
 
 class ModelInstallError(Exception):
@@ -32,7 +32,7 @@ def offered_models(folder: Path | None = None) -> list[tuple[str, Path]]:
 
 def check_model_file(path) -> None:
     """Load the whole model on the CPU; ModelInstallError with the reason when that fails."""
-    from ENSAMSegmentLib.modelfile import ModelFileError, load_model
+    from ENSAMSegmentLib.core.modelfile import ModelFileError, load_model
 
     path = Path(path)
     if not path.is_file():
@@ -45,7 +45,7 @@ def check_model_file(path) -> None:
 
 def describe_model(path) -> str:
     """One line about a model file, or why it cannot be used."""
-    from ENSAMSegmentLib.modelfile import ModelFileError, read_model_info
+    from ENSAMSegmentLib.core.modelfile import ModelFileError, read_model_info
 
     try:
         info = read_model_info(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ENSAMSegmentLib.mrml.selftest_scenarios import ScenarioFailure, expect
-from ENSAMSegmentLib.phantom import make_phantom, write_challenge_dataset
+from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 
 from . import runs
 from .command import SetupError, TrainSettings
@@ -59,8 +59,8 @@ def tiny_dataset(folder: Path, n_cases: int = 2, seed: int = 11) -> Path:
 
 def tiny_model_file(path: Path) -> Path:
     """An untrained model file of the tiny architecture (to fine-tune)."""
-    from ENSAMSegmentLib.modelfile import create_untrained_model_file
-    from ENSAMSegmentLib.network import ENSAMConfig
+    from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
+    from ENSAMSegmentLib.core.network import ENSAMConfig
 
     return create_untrained_model_file(path, seed=0, config=ENSAMConfig(**TINY_MODEL))
 
@@ -105,8 +105,8 @@ def bad_input_is_refused(scene, work: Path) -> None:
     expect_setup_error("choose the folder", controller.start_coreset, "", work / "out")
     unlabelled = work / "unlabelled"
     unlabelled.mkdir()
-    from ENSAMSegmentLib.geometry import VolumeGeometry
-    from ENSAMSegmentLib.imageio import write_image
+    from ENSAMSegmentLib.core.geometry import VolumeGeometry
+    from ENSAMSegmentLib.core.imageio import write_image
 
     image, _ = make_phantom(TINY_SHAPE, 1, n_objects=1)
     write_image(unlabelled / "scan.nii.gz", image.astype(np.int16), VolumeGeometry.from_npz_spacing((2, 1, 1), TINY_SHAPE))
@@ -171,9 +171,9 @@ def scene_export_keeps_geometry(scene, work: Path) -> None:
     """Segmentations of an oblique, left-handed volume under a transform -> challenge .npz cases: the
     voxel grid kept, uint8 images by the organisers' preprocessing, labels in segment order with
     their names, spacing in npz order; nothing written when nothing can be exported."""
-    from ENSAMSegmentLib.geometry import VolumeGeometry, npz_spacing_to_zyx, rotation_matrix
-    from ENSAMSegmentLib.imageio import read_challenge_npz
-    from ENSAMSegmentLib.intensity import to_uint8
+    from ENSAMSegmentLib.core.geometry import VolumeGeometry, npz_spacing_to_zyx, rotation_matrix
+    from ENSAMSegmentLib.core.imageio import read_challenge_npz
+    from ENSAMSegmentLib.core.intensity import to_uint8
     from ENSAMSegmentLib.mrml import segments, volumes
 
     from .sceneexport import SceneExportError, export_scene, read_manifest
@@ -311,8 +311,8 @@ def dead_process_is_reported(scene, work: Path) -> None:
 
 def train_on_scene_fine_tunes(scene, work: Path) -> None:
     """"Train on this scene": the scene's segmentation is exported and a model is fine-tuned on it."""
-    from ENSAMSegmentLib.geometry import VolumeGeometry
-    from ENSAMSegmentLib.modelfile import read_model_info
+    from ENSAMSegmentLib.core.geometry import VolumeGeometry
+    from ENSAMSegmentLib.core.modelfile import read_model_info
     from ENSAMSegmentLib.mrml import segments, volumes
 
     image, labels = make_phantom(TINY_SHAPE, 5, n_objects=2)

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ENSAMSegmentLib.geometry import zyx_to_npz_spacing
-from ENSAMSegmentLib.imageio import ChallengeCase, write_challenge_npz
-from ENSAMSegmentLib.intensity import IntensityError, guess_modality, to_uint8
+from ENSAMSegmentLib.core.geometry import zyx_to_npz_spacing
+from ENSAMSegmentLib.core.imageio import ChallengeCase, write_challenge_npz
+from ENSAMSegmentLib.core.intensity import IntensityError, guess_modality, to_uint8
 from ENSAMSegmentLib.mrml import volumes
 
 MODALITY_FOLDERS = {"ct": "CT", "mr": "MR", "pet": "PET", "us": "US", "xray": "XRay",
@@ -232,7 +232,7 @@ def _write_manifest(path: Path, dataset: str, cases: list[ExportedCase], skipped
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset": dataset,
         "note": "imgs[k, j, i] is voxel (i, j, k) of the volume; ijk_to_ras is its world geometry (RAS, "
-                "parent transforms applied); spacing in the npz is (z, y, x) (ENSAMSegmentLib.geometry)",
+                "parent transforms applied); spacing in the npz is (z, y, x) (ENSAMSegmentLib.core.geometry)",
         "cases": [c.to_dict() for c in cases],
         "skipped": skipped,
     }

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ENSAMSegmentLib.phantom import write_challenge_dataset
+from ENSAMSegmentLib.core.phantom import write_challenge_dataset
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = dict(init_filters=8, norm_groups=4, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32,

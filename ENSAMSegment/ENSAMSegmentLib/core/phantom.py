@@ -43,7 +43,7 @@ MR_T1 = {"air": 0, "fat": 900, "muscle": 350, "bone": 250,
 CT_NOISE_HU = 12.0
 MR_NOISE = 25.0
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "Resources" / "SampleData"
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[2] / "Resources" / "SampleData"
 SAMPLE_FILES = {"image": "ensam-sample-ct.nrrd", "labels": "ensam-sample-ct-label.nrrd", "info": "ensam-sample-ct.json"}
 SAMPLE_SHAPE = (96, 160, 160)
 SAMPLE_SPACING_XYZ = (1.25, 1.25, 2.5)
@@ -285,7 +285,7 @@ def write_sample_data(folder=None) -> dict[str, Path]:
     main = structures[0]
     info = {
         "description": "Procedural abdomen-like CT phantom (not patient data), made by "
-                       "ENSAMSegmentLib.phantom.write_sample_data.",
+                       "ENSAMSegmentLib.core.phantom.write_sample_data.",
         "image": SAMPLE_FILES["image"], "labels": SAMPLE_FILES["labels"],
         "modality": "ct", "seed": SAMPLE_SEED,
         "shape_zyx": list(SAMPLE_SHAPE),
@@ -316,7 +316,7 @@ def sample_data_path(kind: str = "image") -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"sample file {path} is missing (it ships with the source tree and the Slicer extension; "
-            "regenerate it with ENSAMSegmentLib.phantom.write_sample_data())"
+            "regenerate it with ENSAMSegmentLib.core.phantom.write_sample_data())"
         )
     return path
 

@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from .geometry import OutsideVolumeError
-from .mrml import prompts as mrml_prompts
+from ENSAMSegmentLib.core.geometry import OutsideVolumeError
+from . import prompts as mrml_prompts
 
 # -- the front-ends' shared tables (tested: unique keys, no clash with the Segment Editor) --------
 
@@ -53,9 +53,9 @@ SEGMENT_EDITOR_KEYS = frozenset(
     [str(d) for d in range(10)] + [f"Shift+{d}" for d in range(10)]
     + ["Esc", "Space", "Z", "Ctrl+Z", "Y", "Ctrl+Y", "Q", "W", "/", "*", ",", ".", ">", "<"]
 )
-DEVICES = ("auto", "cpu", "cuda", "mps")  # = ENSAMSegmentLib.devices.DEVICE_NAMES (without torch)
+DEVICES = ("auto", "cpu", "cuda", "mps")  # = ENSAMSegmentLib.core.devices.DEVICE_NAMES (without torch)
 USER_MODELS_DIR = Path.home() / ".ensam" / "models"  # where ENSAM Training keeps trained models
-DEFAULT_MODEL = Path(__file__).parents[1] / "Resources" / "Models" / "ensam-default.pt"  # = modelfile's
+DEFAULT_MODEL = Path(__file__).parents[2] / "Resources" / "Models" / "ensam-default.pt"  # = modelfile's
 
 
 def model_choices(user_dir: Path = USER_MODELS_DIR, default: Path = DEFAULT_MODEL) -> list[tuple[str, Path]]:
@@ -160,7 +160,7 @@ class PromptController:
 
     def set_volume(self, volume_node) -> None:
         """Encode this volume (asynchronously); None stops. The same unmodified volume is a no-op."""
-        from .mrml.volumes import volume_to_array
+        from .volumes import volume_to_array
 
         if volume_node is self.volume_node and (volume_node is None or not self._volume_modified()):
             return
@@ -367,7 +367,7 @@ class PromptController:
         self._submit(kind, lambda: submit(object_id), segment_id=segment_id)
 
     def _submit(self, kind: str, submit, segment_id: str | None = None) -> None:
-        from .session import SessionError
+        from ENSAMSegmentLib.core.session import SessionError
 
         try:
             future = submit()
@@ -382,7 +382,7 @@ class PromptController:
     # -- internals: results ---------------------------------------------------------------------
 
     def _finish(self, job: _Job) -> None:
-        from .session import StaleRequest
+        from ENSAMSegmentLib.core.session import StaleRequest
 
         if job.future.cancelled():
             return  # its prompts travel with a newer request of the same object
@@ -442,7 +442,7 @@ class PromptController:
 
     def _target_or_status(self) -> str | None:
         """`_ensure_target`, or None with the reason in the status line (e.g. segments on another grid)."""
-        from .mrml.volumes import MRMLError
+        from .volumes import MRMLError
 
         try:
             return self._ensure_target()
@@ -452,7 +452,7 @@ class PromptController:
 
     def _ensure_target(self) -> str:
         """The target segment id: creates the segmentation and the segment when missing."""
-        from .mrml.segments import SegmentWriter
+        from .segments import SegmentWriter
 
         if self.segmentation_node is None or self.segmentation_node.GetScene() is not self.scene:
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.volume_node.GetName()} ENSAM")
@@ -543,6 +543,6 @@ def roi_for_box(geometry, kji_min, kji_max):
 
 
 def _default_session(model_path, device):
-    from .session import InferenceSession
+    from ENSAMSegmentLib.core.session import InferenceSession
 
     return InferenceSession(model_path=model_path, device=device)

@@ -26,11 +26,11 @@ from typing import Callable
 
 import numpy as np
 
-from .geometry import GeometryError, npz_spacing_to_zyx
-from .imageio import ChallengeCase, ImageReadError, read_challenge_npz, write_challenge_npz
-from .metrics import N_CLICKS, case_metrics, summarize_steps
+from ENSAMSegmentLib.core.geometry import GeometryError, npz_spacing_to_zyx
+from ENSAMSegmentLib.core.imageio import ChallengeCase, ImageReadError, read_challenge_npz, write_challenge_npz
+from ENSAMSegmentLib.core.metrics import N_CLICKS, case_metrics, summarize_steps
 from .predictor import CaseError, Method, case_prompts
-from .simulation import box_dict_to_3d, next_clicks_for_case
+from ENSAMSegmentLib.core.simulation import box_dict_to_3d, next_clicks_for_case
 
 N_STEPS = N_CLICKS + 1  # box, then 5 clicks
 TIME_LIMIT_PER_CLASS_S = 90.0

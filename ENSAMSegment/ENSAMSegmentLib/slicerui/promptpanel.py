@@ -12,7 +12,7 @@ import qt
 
 import slicer
 
-from .promptcontroller import ACTIONS, TOOLS
+from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, TOOLS
 
 POLL_MS = 30  # how often finished model results are picked up while the model works
 

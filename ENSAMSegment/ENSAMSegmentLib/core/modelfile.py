@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ENSAMSegmentLib import __version__
-from ENSAMSegmentLib.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 
 FORMAT = "ensam-model"
 FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ class ModelInfo:
 
 def default_model_path() -> Path:
     """The model file shipped with the extension (ENSAMSegment/Resources/Models/ensam-default.pt)."""
-    return Path(__file__).parents[1] / "Resources" / "Models" / "ensam-default.pt"
+    return Path(__file__).parents[2] / "Resources" / "Models" / "ensam-default.pt"
 
 
 def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import NSD_TOLERANCE_MM
+from ENSAMSegmentLib.core.metrics import NSD_TOLERANCE_MM
 
 SUMMARY_KEYS = ("DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final")
 CSV_COLUMNS = ("case", "method", "step", "DSC", "NSD", "seconds")

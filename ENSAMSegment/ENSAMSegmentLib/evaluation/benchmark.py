@@ -97,7 +97,7 @@ class Scenario:
 
 def make_scenario(shape=DEFAULT_SHAPE, seed: int = 0) -> Scenario:
     """Phantom, a 1/8-volume box centred on the liver (label 1), and clicks inside the box."""
-    from .phantom import PhantomError, make_phantom
+    from ENSAMSegmentLib.core.phantom import PhantomError, make_phantom
 
     try:
         image, labels = make_phantom(shape, seed=seed, spacing=SPACING_ZYX, n_objects=1)
@@ -192,9 +192,9 @@ class Clock:
 def bench_model(checkpoint=None) -> tuple[torch.nn.Module, dict]:
     """(model, description). checkpoint None: the default model file, or, when it does not exist, an
     untrained model of the default architecture (seed 0). A given checkpoint must exist."""
-    from .modelfile import ModelFileError, default_model_path, load_model
-    from .network import ENSAM, ENSAMConfig
-    from .network.complexity import count_parameters
+    from ENSAMSegmentLib.core.modelfile import ModelFileError, default_model_path, load_model
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+    from ENSAMSegmentLib.core.network.complexity import count_parameters
 
     path = Path(checkpoint) if checkpoint is not None else default_model_path()
     if checkpoint is None and not path.is_file():
@@ -257,8 +257,8 @@ def window_agreement(model, scenario: Scenario, device, precision: str, window_m
     the same click decoded over the whole box region (click_window 0), untimed: what windowed
     decoding changes in the result. With trained weights this says how much accuracy the speed costs;
     with untrained ones, how far its noisy masks differ beyond the window."""
-    from .metrics import dice
-    from .session import InferenceSession
+    from ENSAMSegmentLib.core.metrics import dice
+    from ENSAMSegmentLib.core.session import InferenceSession
 
     progress("agreement: the same clicks decoded over the whole box region (untimed) ...")
     with InferenceSession(model=model, device=device, precision=precision, click_window=0) as session:
@@ -310,8 +310,9 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
                   checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
                   click_window: int | None = None, agreement: bool = True) -> dict:
     """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
-    from . import __version__, devices
-    from .session import InferenceSession
+    from ENSAMSegmentLib import __version__
+    from ENSAMSegmentLib.core import devices
+    from ENSAMSegmentLib.core.session import InferenceSession
 
     check_counts(repeats, warmup)
     try:

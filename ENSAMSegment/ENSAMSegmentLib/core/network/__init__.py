@@ -1,6 +1,6 @@
 """The ENSAM network: encoder, prompt encoder, nGPT/LieRE interaction, decoder, size counting.
 
-    from ENSAMSegmentLib.network import ENSAM, ENSAMConfig, Prompts, pad_to_multiple
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts, pad_to_multiple
     model = ENSAM(ENSAMConfig())
     emb = model.encode(image)                      # [1, 1, D, H, W], sides multiples of 8
     logits = model.decode(emb, Prompts.from_objects([{"box": (lo, hi), "fg": [p]}]))

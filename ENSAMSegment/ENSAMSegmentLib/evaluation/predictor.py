@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import npz_spacing_to_zyx
-from .imageio import ChallengeCase
-from .simulation import SimulationError, box_dict_to_3d
+from ENSAMSegmentLib.core.geometry import npz_spacing_to_zyx
+from ENSAMSegmentLib.core.imageio import ChallengeCase
+from ENSAMSegmentLib.core.simulation import SimulationError, box_dict_to_3d
 
 METHODS = ("ensam", "growcut", "box")
 
@@ -229,7 +229,7 @@ class EnsamMethod(Method):
     name = "ensam"
 
     def __init__(self, checkpoint=None, device: str = "auto", click_window: int | None = None):
-        from .session import InferenceSession, SessionError
+        from ENSAMSegmentLib.core.session import InferenceSession, SessionError
 
         try:
             self.session = InferenceSession(model_path=checkpoint, device=device, click_window=click_window)
@@ -326,7 +326,7 @@ def predict_folder(input_dir, output_dir, method: Method, log=print) -> list[dic
     A case that fails is reported through `log` and left without output (the challenge then scores
     that step 0); the others go on. Returns the failures as ``{'case', 'reason'}``.
     """
-    from .imageio import read_challenge_npz, write_segs_npz
+    from ENSAMSegmentLib.core.imageio import read_challenge_npz, write_segs_npz
 
     paths = sorted(p for p in Path(input_dir).glob("*.npz") if not p.name.startswith("."))
     failures = []
