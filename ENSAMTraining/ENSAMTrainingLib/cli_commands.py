@@ -1,7 +1,7 @@
 """`ensam train`, `ensam coreset` and `ensam train-bench`: the training commands of the `ensam` tool.
 
 ENSAMSegmentLib/cli/main.py imports this module when ENSAMTrainingLib is installed and calls
-``register(subparsers)``, which adds all three commands.
+``register(subparsers)``, which adds these three and `ensam data` (cli_data.py).
 
 Exit codes of `ensam train`: 0 finished (or stopped by --stop-after), 2 bad input (one line
 on stderr, and an "error" event on the progress stream), 3 interrupted by SIGINT/SIGTERM
@@ -59,6 +59,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder of .npz cases (also <Modality>/<Dataset>/<case>.npz) or image/label pairs")
     p.add_argument("--cases", help="case list (e.g. from `ensam coreset`), paths relative to --data")
+    p.add_argument("--synthetic", metavar="DIR", help="label maps (files, pairs' labels, .npz gts): each sample's "
+                   "image is synthesised from them (SynthSeg-style, ENSAMTrainingLib.synth); alone, or with --data")
+    p.add_argument("--synth-probability", type=float, metavar="P",
+                   help="chance that a sample of a real --data case gets a synthesised image instead (0)")
+    p.add_argument("--procedural", type=int, metavar="N", help="procedural scenes (tubes, vessel trees, lesions, "
+                   "sheets, blobs) added to every epoch (0)")
     p.add_argument("--out", "-o", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
@@ -111,9 +117,9 @@ def run_train(args) -> int:
                 print(f"ensam train: --resume keeps the run's settings; ignoring {', '.join(ignored)}", file=sys.stderr)
             result = resume(args.out, progress, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
         else:
-            if not args.data:
-                raise TrainingError("--data is required (unless --resume)")
-            result = train(TrainConfig(**given), progress)
+            if not args.data and not args.synthetic:
+                raise TrainingError("--data or --synthetic is required (unless --resume)")
+            result = train(TrainConfig(**{"data": "", **given}), progress)
     except (TrainingError, DataError) as error:
         progress.emit("error", message=str(error), type=type(error).__name__)
         raise _user_error(str(error)) from None
@@ -171,6 +177,9 @@ def register(subparsers) -> None:
     """Add `train`, `coreset` and `train-bench` to the `ensam` tool."""
     add_train_parser(subparsers)
     add_coreset_parser(subparsers)
+    from .cli_data import add_data_parser
+
+    add_data_parser(subparsers)
     from .bench import add_bench_parser
 
     add_bench_parser(subparsers)

@@ -22,6 +22,11 @@ Sources (``find_cases(root)``), searched recursively under ``root``:
   ("missing labels"), so it is reported, not silently dropped.
   Pair intensities go through the organisers' preprocessing (CT windowing or percentile
   clipping to uint8) with the modality above.
+- Label maps alone (``find_label_maps(root)``, kind "labels"): the image of every sample is
+  synthesised from the labels of its crop (synth.py, SynthSeg-style); ``procedural_cases(n)``
+  (kind "procedural") need no file: synth.procedural_scene draws the label map. A real case
+  whose ``synth`` is above 0 (``with_synthesis``) has its image replaced by a synthesised one
+  with that probability (``crop_arrays``, called by ``make_sample``).
 
 Per sample (``make_sample``): one labelled instance at random; a random crop around it with a
 margin of 1-64 voxels on each side of each axis (clipped to the volume); max pooling by
@@ -45,7 +50,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +85,15 @@ class CaseError(DataError):
 
 @dataclass(frozen=True)
 class CaseRef:
-    """Where one case lives. kind "npz": labels inside ``image``; kind "pair": labels in ``label``."""
+    """Where one case lives. kind "npz": labels inside ``image``; "pair": labels in ``label``;
+    "labels": a label map only (``label``, or ``image``'s gts); "procedural": no file (module docstring)."""
 
     image: Path
     label: Path | None
     dataset: str
     modality: str
-    kind: str  # "npz" | "pair"
+    kind: str  # "npz" | "pair" | "labels" | "procedural"
+    synth: float = 0.0  # probability that a sample's image is synthesised from its labels (synth.py)
 
     @property
     def name(self) -> str:
@@ -98,7 +105,7 @@ class Case:
     """A loaded case: uint8 intensities and integer labels on the same grid (z, y, x)."""
 
     ref: CaseRef
-    image: np.ndarray  # [D, H, W] uint8 (0-255) or float for unusual files (rescaled to [0, 1] later)
+    image: np.ndarray | None  # [D, H, W] uint8 (0-255) or float (rescaled later); None: synthesised per sample
     labels: np.ndarray  # [D, H, W] integer, 0 = background
     spacing: tuple[float, float, float]  # mm, (z, y, x)
 
@@ -220,6 +227,40 @@ def find_cases(root: str | Path) -> list[CaseRef]:
     return sorted(cases, key=lambda c: str(c.image))
 
 
+def find_label_maps(root: str | Path) -> list[CaseRef]:
+    """Every label map under ``root`` as a kind "labels" case: the label of each image/label pair, the
+    gts of each .npz, and every other image file (taken as a label map). Raises NoCasesError when none."""
+    labels = []
+    for ref in find_cases(root):
+        path = ref.label if ref.label is not None else ref.image
+        labels.append(CaseRef(ref.image, path, ref.dataset, ref.modality, "labels"))
+    return labels
+
+
+PROCEDURAL_SEED = 31_337
+
+
+def procedural_cases(n: int) -> list[CaseRef]:
+    """``n`` kind "procedural" cases: scene i is synth.procedural_scene with seed (PROCEDURAL_SEED, i)."""
+    return [CaseRef(Path(f"procedural-{i:05d}"), None, "procedural", "synthetic", "procedural") for i in range(n)]
+
+
+def with_synthesis(cases: list[CaseRef], probability: float) -> list[CaseRef]:
+    """The cases with ``synth = probability`` (image synthesised from labels that often), kinds npz/pair only."""
+    if not 0.0 <= probability <= 1.0:
+        raise DataError(f"synthesis probability must lie in [0, 1], got {probability}")
+    return [replace(c, synth=probability) if c.kind in ("npz", "pair") else c for c in cases]
+
+
+def mix_cases(train: list[CaseRef], val: list[CaseRef], label_maps: list[CaseRef] = (),
+              synth_probability: float = 0.0, procedural: int = 0) -> list[CaseRef]:
+    """The training list: ``train`` (images synthesised with ``synth_probability``), then the label
+    maps whose file is not a validation case's, then ``procedural`` procedural scenes."""
+    held = {c.image for c in val}
+    return (with_synthesis(train, synth_probability) + [m for m in label_maps if m.image not in held]
+            + procedural_cases(procedural))
+
+
 def _relative(path: Path, root: str | Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -229,8 +270,10 @@ def _relative(path: Path, root: str | Path) -> str:
 
 def case_key(ref: CaseRef, root: str | Path) -> str:
     """The line of a case list: the image path relative to root (tab, label path for pairs)."""
+    if ref.kind == "procedural":
+        return ref.name
     image = _relative(ref.image, root)
-    if ref.kind == "pair" and ref.label is not None:
+    if ref.kind in ("pair", "labels") and ref.label is not None:
         return f"{image}\t{_relative(ref.label, root)}"
     return image
 
@@ -346,8 +389,32 @@ def load_arrays(ref: CaseRef) -> tuple[np.ndarray, np.ndarray | None, tuple[floa
     return _load_npz(ref) if ref.kind == "npz" else _load_pair(ref)
 
 
+def _load_label_map(ref: CaseRef) -> Case:
+    """A kind "labels" or "procedural" case: labels only (``Case.image`` None)."""
+    if ref.kind == "procedural":
+        from .synth import PROCEDURAL_SHAPE, procedural_scene
+
+        rng = np.random.default_rng([PROCEDURAL_SEED, int(ref.name.rsplit("-", 1)[-1])])
+        return Case(ref, None, procedural_scene(PROCEDURAL_SHAPE, rng), (1.0, 1.0, 1.0))
+    path = ref.label if ref.label is not None else ref.image
+    if path.name.lower().endswith(".npz"):
+        _, labels, spacing = _load_npz(CaseRef(path, None, ref.dataset, ref.modality, "npz"))
+    else:
+        from ENSAMSegmentLib.core.imageio import ImageReadError, read_image
+
+        try:
+            labels, geometry = read_image(path)
+        except ImageReadError as error:
+            raise CaseError(ref.name, "unreadable", str(error)) from None
+        spacing = geometry.spacing_zyx
+    check_arrays(ref.name, labels, labels)  # labels stand in for the image: 3-D, integer, not empty
+    return Case(ref, None, labels.astype(np.int32, copy=False), spacing)
+
+
 def load_case(ref: CaseRef) -> Case:
     """Load and check one case. Raises CaseError (with a reason) when it cannot be used."""
+    if ref.kind in ("labels", "procedural"):
+        return _load_label_map(ref)
     image, labels, spacing = load_arrays(ref)
     check_arrays(ref.name, image, labels)
     return Case(ref, image, labels.astype(np.int32, copy=False), spacing)
@@ -431,6 +498,17 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def crop_arrays(case: Case, crop, label: int, mask: np.ndarray, rng: np.random.Generator):
+    """(image, target mask) of the crop: the case's own, or synthesised from the crop's labels
+    (synth.synthesize_crop) when the case has no image, or with probability ``case.ref.synth``.
+    Cases with ``synth`` 0 draw nothing from ``rng``, so their samples stay as they were."""
+    if case.image is not None and not (case.ref.synth > 0 and rng.random() < case.ref.synth):
+        return case.image[crop], mask[crop]
+    from .synth import synthesize_crop
+
+    return synthesize_crop(case.labels[crop], label, rng)
+
+
 def make_sample(
     case: Case,
     rng: np.random.Generator,
@@ -447,7 +525,7 @@ def make_sample(
     label = int(rng.choice(values))
     mask = case.labels == label
     crop = random_crop(*bounding_box(mask), case.labels.shape, rng)
-    image, mask = case.image[crop], mask[crop]
+    image, mask = crop_arrays(case, crop, label, mask, rng)
     factors = pool_factors(mask.shape, voxel_budget)
     image = to_unit_range(image)
     image = max_pool(image, factors)

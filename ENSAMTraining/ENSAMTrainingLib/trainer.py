@@ -63,7 +63,9 @@ from .data import (
     NoCasesError,
     TrainingDataset,
     find_cases,
+    find_label_maps,
     make_loader,
+    mix_cases,
     read_case_list,
     samples_per_rank,
     write_case_list,
@@ -113,6 +115,9 @@ class TrainConfig:
     model_config: dict | None = None  # ENSAMConfig fields for a new model
     amp: bool = True  # bf16 autocast on CUDA
     stop_after: int | None = None  # stop (with a checkpoint) after this many optimizer steps in total
+    synthetic: str | None = None  # folder of label maps: images synthesised from them (synth.py)
+    synth_probability: float = 0.0  # chance that a real training sample's image is synthesised instead
+    procedural: int = 0  # procedural scenes added to each epoch (data.procedural_cases)
     progress_bar: bool = True
 
     def to_dict(self) -> dict:
@@ -165,12 +170,15 @@ def default_workers(world_size: int) -> int:
 
 
 def split_cases(config: TrainConfig) -> tuple[list[CaseRef], list[CaseRef]]:
-    """(training, validation) cases: the given lists, or a seeded held-out fraction."""
+    """(training, validation) cases: the given lists, or a seeded held-out fraction; then the
+    synthetic part (data.mix_cases). With label maps alone, validation holds out some of them."""
     try:
-        cases = read_case_list(config.cases, config.data) if config.cases else find_cases(config.data)
+        cases = (read_case_list(config.cases, config.data) if config.cases else find_cases(config.data)) if config.data else []
+        maps = find_label_maps(config.synthetic) if config.synthetic else []
         val = read_case_list(config.val_cases, config.data) if config.val_cases else None
     except DataError as error:
         raise TrainingError(str(error)) from None
+    cases, maps = (cases, maps) if cases else (maps, [])
     if val is not None:
         held = {c.image for c in val}
         train = [c for c in cases if c.image not in held]
@@ -182,7 +190,10 @@ def split_cases(config: TrainConfig) -> tuple[list[CaseRef], list[CaseRef]]:
         train = [c for i, c in enumerate(cases) if i not in held]
     if not train:
         raise TrainingError("no training case left after holding out the validation cases")
-    return train, val
+    try:
+        return mix_cases(train, val, maps, config.synth_probability, config.procedural), val
+    except DataError as error:
+        raise TrainingError(str(error)) from None
 
 
 def build_model(config: TrainConfig, device: torch.device, model_config: dict | None = None) -> nn.Module:
