@@ -175,8 +175,9 @@ def background_tissues(labels: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.where(labels == 0, tissue, labels)
 
 
-def _label_stats(values: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig):
-    """(mean, spread) per label value: CT in HU from CT_CLASSES, MR in [0, 1]."""
+def _label_stats(values: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig, protect=()):
+    """(mean, spread) per label value: CT in HU from CT_CLASSES, MR in [0, 1]. Labels in ``protect``
+    (the target's) neither take nor give a shared mean."""
     n = len(values)
     if style == "ct":
         names = list(CT_CLASSES)
@@ -186,15 +187,19 @@ def _label_stats(values: np.ndarray, rng: np.random.Generator, style: str, confi
         spreads = np.array([rng.uniform(*CT_CLASSES[names[c]][1]) for c in classes])
     else:
         means, spreads = rng.uniform(0, 1, n), rng.uniform(0, 0.08, n)
-    shared = rng.random(n) < config.shared_mean_probability
-    means[shared] = means[rng.integers(0, n, size=int(shared.sum()))]
+    free = ~np.isin(values, list(protect))
+    shared = (rng.random(n) < config.shared_mean_probability) & free
+    donors = np.flatnonzero(free)
+    means[shared] = means[donors[rng.integers(0, len(donors), size=int(shared.sum()))]]
     return means, spreads
 
 
-def gmm_image(labels: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig = DEFAULT) -> np.ndarray:
-    """[D, H, W] float32: a Gaussian draw per voxel with its label's random mean and spread."""
+def gmm_image(labels: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig = DEFAULT,
+              protect=()) -> np.ndarray:
+    """[D, H, W] float32: a Gaussian draw per voxel with its label's random mean and spread (``protect``:
+    label values that keep a mean of their own, e.g. the target's)."""
     values, index = np.unique(labels, return_inverse=True)
-    means, spreads = _label_stats(values, rng, style, config)
+    means, spreads = _label_stats(values, rng, style, config, protect)
     index = index.reshape(labels.shape)
     noise = rng.standard_normal(labels.shape, dtype=np.float32)
     return (means.astype(np.float32)[index] + spreads.astype(np.float32)[index] * noise).astype(np.float32)
@@ -261,9 +266,10 @@ def _synth_grid(shape, max_voxels: int) -> tuple[int, int, int]:
     return tuple(strides)
 
 
-def render(labels: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig = DEFAULT) -> np.ndarray:
+def render(labels: np.ndarray, rng: np.random.Generator, style: str, config: SynthConfig = DEFAULT,
+           protect=()) -> np.ndarray:
     """[D, H, W] labels -> [D, H, W] float32 image in [0, 1] (steps 4-6 of the module docstring)."""
-    image = gmm_image(background_tissues(labels, rng), rng, style, config)
+    image = gmm_image(background_tissues(labels, rng), rng, style, config, protect)
     image = blur(image, rng.uniform(*config.blur_sigma, 3))
     if rng.random() < config.thick_slice_probability:
         image = thick_slices(image, int(rng.integers(3)), int(rng.integers(*config.thick_factor, endpoint=True)), rng)
@@ -308,7 +314,8 @@ def synthesize_crop(labels: np.ndarray, label: int, rng: np.random.Generator,
             labels = deformed
     target = make_target(labels, label, rng, config)
     style = "ct" if rng.random() < config.ct_probability else "mr"
-    return render(labels, rng, style, config), target
+    protect = np.unique(labels[target])  # the target never shares another label's mean
+    return render(labels, rng, style, config, protect), target
 
 
 # ---------------------------------------------------------------------------- procedural shapes

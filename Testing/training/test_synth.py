@@ -167,3 +167,13 @@ def test_synthesis_cost_per_sample():
         synth.synthesize_crop(labels, 1, np.random.default_rng(seed))
         times.append(time.perf_counter() - start)
     assert np.median(times) < 1.5
+
+
+def test_the_target_never_shares_a_mean():
+    values = np.array([0, 1, 2, 3])
+    for seed in range(5):
+        own, _ = synth._label_stats(values, np.random.default_rng(seed), "mr", SynthConfig(shared_mean_probability=0))
+        shared, _ = synth._label_stats(values, np.random.default_rng(seed), "mr", SynthConfig(shared_mean_probability=1),
+                                       protect=[1])
+        assert shared[1] == own[1] and shared[1] not in shared[[0, 2, 3]]  # the target keeps its own mean
+        assert set(shared[[0, 2, 3]]) <= set(own[[0, 2, 3]])  # the others took one of theirs
