@@ -7,7 +7,7 @@
     DIR/ablation.png. Without --data, a synthetic phantom set is generated in DIR/data.
     Function: ``run_ablation``.
 
-``ensam train-bench throughput [--shapes 64x64x64 128x128x128 ...] [--steps 3] [--device D]``
+``ensam train-bench throughput [--shapes 64,64,64 128,128,128 ...] [--steps 3] [--device D]``
     Samples per second and peak memory of the whole training step (encoder, box + 5 click
     steps, backward, Muon + AdamW step, renormalisation) at each patch shape, on a phantom.
     Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the process's peak
@@ -185,10 +185,11 @@ def _format_row(r: dict) -> str:
 
 
 def _shape(text: str) -> tuple[int, int, int]:
+    """'D,H,W' as `ensam bench --shape` takes it (the older 'DxHxW' too)."""
     try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
+        shape = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 64x64x64 (z x y x x), got {text}") from None
+        raise argparse.ArgumentTypeError(f"shape must look like 64,64,64 (D,H,W = z,y,x), got {text}") from None
     if len(shape) != 3 or any(s < 8 or s % 8 for s in shape):
         raise argparse.ArgumentTypeError(f"shape must be 3 multiples of 8, got {text}")
     return shape
@@ -203,13 +204,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--data", help="training data (default: phantoms generated in OUT/data)")
     a.add_argument("--steps", type=int, default=60)
     a.add_argument("--voxel-budget", type=int, default=32_768)
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     a.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
     a.set_defaults(func=_run_ablation_cmd)
     t = sub.add_parser("throughput", help="samples/s and peak memory of the training step per patch shape")
-    t.add_argument("--shapes", type=_shape, nargs="+", default=[(64, 64, 64), (64, 128, 128)])
+    t.add_argument("--shapes", type=_shape, nargs="+", default=[(64, 64, 64), (64, 128, 128)], metavar="D,H,W",
+                   help="patch shapes z,y,x, each a multiple of 8 (default: 64,64,64 64,128,128)")
     t.add_argument("--steps", type=int, default=3)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     t.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
     t.add_argument("--no-amp", dest="amp", action="store_false")
     t.add_argument("--out", help="write the results as JSON here")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.common import add_device_argument, check_device, check_model, check_output_folder
 from ENSAMSegmentLib.cli.main import UserError
 
 ALL_METHODS = ("ensam", "growcut", "box")
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--method", action="append", choices=ALL_METHODS, dest="methods",
                         help="method to run (repeatable; default: ensam, growcut and box)")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(parser)
     add_click_window_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder for steps.csv, summary.json, steps.png")
     parser.add_argument("--max-cases", type=int, help="only the first N case files (sorted by name)")
@@ -50,6 +51,10 @@ def run(args) -> int:
     if not paths:
         raise UserError(f"--data {args.data} holds no .npz case files")
     names = list(dict.fromkeys(args.methods or ALL_METHODS))
+    check_output_folder(args.out, "--out")
+    check_device(args.device)
+    if "ensam" in names:
+        check_model(args.checkpoint)
     steppers, infos = [], {}
     for name in names:
         started = time.perf_counter()

@@ -1,4 +1,6 @@
-"""`ensam info`: the model's architecture, size and compute, and a model file's metadata.
+"""`ensam info`: what a model file holds: what it was trained on, its architecture, size and compute.
+
+Without --checkpoint: the default model file, the one the other commands use without --checkpoint.
 
 Compute is counted analytically for one object with a box prompt, encode + decode, at the largest
 training patch (128 x 128 x 256 = 4,194,304 voxels): multiply-accumulates (MACs) and FLOPs = 2 x MACs.
@@ -11,35 +13,41 @@ import argparse
 import json
 from pathlib import Path
 
+from ENSAMSegmentLib.cli.common import UNTRAINED_NOTE, missing_default_model
 from ENSAMSegmentLib.cli.main import UserError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="show the model's architecture, size, compute and metadata",
+    parser = subparsers.add_parser("info", help="show a model file's training data, architecture, size and compute",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: describe the default "
-                                                        "architecture, no file)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="ENSAM model file (default: the default model file that the other commands use)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def describe(checkpoint: Path | None) -> dict:
-    from ENSAMSegmentLib.core.modelfile import ModelFileError, read_model_info
+    """The model file's report; without `checkpoint`, the default model file's, or, when that file
+    is missing, the default architecture's with `missing` saying what to do."""
+    from ENSAMSegmentLib.core.modelfile import ModelFileError, default_model_path, read_model_info
     from ENSAMSegmentLib.core.network import ENSAMConfig
     from ENSAMSegmentLib.core.network.complexity import summary
 
+    path, missing = checkpoint or default_model_path(), None
     info = None
-    if checkpoint is not None:
+    if checkpoint is None and not path.is_file():
+        missing = missing_default_model(path)
+    else:
         try:
-            info = read_model_info(checkpoint)
+            info = read_model_info(path)
         except ModelFileError as error:
             raise UserError(str(error)) from None
     config = info.config if info else ENSAMConfig()
     report = summary(config)
     if info:
         report["parameters"] = info.parameters
-    report.update(checkpoint=str(checkpoint) if checkpoint else None, config=config.to_dict(),
-                  metadata=info.metadata() if info else None)
+    report.update(checkpoint=str(Path(path).resolve()), default=checkpoint is None, missing=missing,
+                  config=config.to_dict(), metadata=info.metadata() if info else None)
     return report
 
 
@@ -50,8 +58,14 @@ def run(args) -> int:
         return 0
     meta = report["metadata"]
     print("ENSAM model")
-    print(f"  model file: {report['checkpoint']}" if meta else
-          "  model file: none given (describing the default architecture; use --checkpoint FILE)")
+    print(f"  model file: {report['checkpoint']}" + (" (the default model)" if report["default"] else ""))
+    if report["missing"]:
+        print(f"  MISSING: {report['missing']}.")
+        print("  Below: the default architecture, without weights.")
+    else:
+        print(f"  trained on: {meta['training_data']}")
+        if meta["untrained"]:
+            print(f"  {UNTRAINED_NOTE}")
     print(f"  parameters: {report['parameters']:,} ({report['parameters'] / 1e6:.2f} M)")
     d, h, w = report["max_patch"]
     print(f"  compute, one object with a box, encode + decode, at {d}x{h}x{w} "
@@ -63,8 +77,6 @@ def run(args) -> int:
         print(f"    {key}: {value}")
     if meta:
         print("  metadata:")
-        for key in ("created", "ensam_version", "training_data", "metrics", "notes"):
+        for key in ("created", "ensam_version", "metrics", "notes"):
             print(f"    {key}: {meta[key]}")
-        if meta["untrained"]:
-            print("  NOTE: this model is UNTRAINED (random weights): its segmentations are not meaningful.")
     return 0

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.common import add_device_argument, check_device, check_model, check_output_folder
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--input", type=Path, required=True, help="folder of case .npz files")
     parser.add_argument("--output", type=Path, required=True, help="folder for the <case>.npz predictions")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(parser)
     add_click_window_argument(parser)
     parser.add_argument("--method", default="ensam", choices=["ensam", "growcut", "box"],
                         help="predictor (default ensam; growcut and box are the baselines)")
@@ -38,6 +39,10 @@ def run(args) -> int:
         raise UserError(f"--input {args.input} is not a folder")
     if not any(args.input.glob("*.npz")):
         raise UserError(f"--input {args.input} holds no .npz case files")
+    check_output_folder(args.output, "--output")
+    check_device(args.device)
+    if args.method == "ensam":
+        check_model(args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)
     try:
         method = make_method(args.method, args.checkpoint, args.device, args.click_window)

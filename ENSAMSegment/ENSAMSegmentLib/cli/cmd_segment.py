@@ -10,32 +10,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ENSAMSegmentLib.cli.common import (UNTRAINED_NOTE, add_device_argument, add_modality_argument,
+                                        check_device, check_model, check_output_file, read_volume)
 from ENSAMSegmentLib.cli.main import UserError
 
 
-def _numbers(text: str, count: int, form: str) -> tuple[float, ...]:
+class Numbers(tuple):
+    """Numbers from the command line that remember how they were written (messages quote them)."""
+
+    text = ""
+
+
+def _numbers(text: str, count: int, form: str) -> Numbers:
     """`count` comma-separated numbers, or an argparse error naming the expected form."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = Numbers(float(v) for v in text.split(","))
     except ValueError:
-        values = ()
-    if len(values) != count:
+        values = Numbers()
+    if len(values) != count or not all(map(math.isfinite, values)):
         raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    values.text = text
     return values
 
 
-def _triple(text: str) -> tuple[float, float, float]:
+def _triple(text: str) -> Numbers:
     return _numbers(text, 3, "three comma-separated numbers")
 
 
-def _box(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    values = _numbers(text, 6, "six comma-separated numbers z0,y0,x0,z1,y1,x1")
-    return values[:3], values[3:]
+def _box(text: str) -> Numbers:
+    return _numbers(text, 6, "six comma-separated numbers: two opposite corners")
 
 
 class _AppendClick(argparse.Action):
@@ -47,15 +56,21 @@ class _AppendClick(argparse.Action):
         namespace.clicks = clicks
 
 
+PROMPT_NOTE = ("Coordinates may be negative (RAS millimetres often are): --box -13.5,2,40,... works, "
+               "as does --box=-13.5,2,40,...")
+
+
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=_box, metavar="Z0,Y0,X0,Z1,Y1,X1",
-                        help="3D box corners (inclusive voxel indices, or RAS mm with --ras)")
+                        help="3D box: two opposite corners, inclusive voxel indices z,y,x "
+                             "(with --ras: R0,A0,S0,R1,A1,S1 in mm)")
     parser.add_argument("--fg", type=_triple, action=_AppendClick, const=True, dest="clicks", metavar="Z,Y,X",
-                        help="foreground click (repeatable)")
+                        help="foreground click, a voxel index z,y,x (with --ras: R,A,S in mm); repeatable")
     parser.add_argument("--bg", type=_triple, action=_AppendClick, const=False, dest="clicks", metavar="Z,Y,X",
-                        help="background click (repeatable)")
+                        help="background click, as --fg; repeatable")
     parser.add_argument("--ras", action="store_true",
-                        help="coordinates are physical RAS millimetres (x,y,z order: R,A,S) instead of voxel z,y,x")
+                        help="coordinates are physical RAS millimetres in the order R,A,S (Slicer's world "
+                             "coordinates) instead of voxel indices z,y,x")
 
 
 def _window_size(text: str) -> int:
@@ -79,9 +94,8 @@ def add_click_window_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the embedded default model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--modality", default="auto",
-                        help="intensity preprocessing: auto, ct, mr, pet, us, microscopy (default: auto)")
+    add_device_argument(parser)
+    add_modality_argument(parser)
     add_click_window_argument(parser)
 
 
@@ -90,79 +104,123 @@ def register(subparsers) -> None:
         "segment",
         help="segment a structure in an image from a box and clicks",
         description=__doc__,
+        epilog=PROMPT_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", type=Path, help="image file: .nii/.nii.gz/.nrrd/.mha/.mhd or challenge .npz")
     add_prompt_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True,
-                        help="output labelmap (.nii.gz, .nrrd, .mha; .npz writes `segs`), in the input's geometry")
+                        help="output labelmap (.nii.gz, .nii, .nrrd, .mha, .seg.nrrd; .npz writes `segs`), "
+                             "in the input's geometry")
     parser.add_argument("--seg-nrrd", type=Path, help="also write a Slicer .seg.nrrd segmentation")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON report (prompts and how each was decoded, timings, outputs)")
     parser.set_defaults(func=run, clicks=[])
 
 
-def resolve_prompts(args, geometry) -> tuple[tuple | None, list[tuple[tuple[int, int, int], bool]]]:
-    """The box and clicks as voxel indices (z,y,x) in the image, whatever the input convention."""
-    from ENSAMSegmentLib.core.geometry import GeometryError
+def output_suffixes() -> tuple[str, ...]:
+    from ENSAMSegmentLib.core.imageio import LABELMAP_SUFFIXES
 
-    try:
-        box = None
-        if args.box is not None:
-            lo, hi = args.box
-            if args.ras:
-                corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-                kmin, kmax = geometry.box_from_ras_corners(corners)
-            else:
-                kmin, kmax = _voxel_index(lo, geometry), _voxel_index(hi, geometry)
-            box = (tuple(int(v) for v in kmin), tuple(int(v) for v in kmax))
-        clicks = []
-        for foreground, point in args.clicks:
-            if args.ras:
-                index = geometry.ras_to_kji_index(np.asarray(point, dtype=float))
-            else:
-                index = _voxel_index(point, geometry)
-            clicks.append((tuple(int(v) for v in np.ravel(index)), foreground))
-    except GeometryError as error:
-        raise UserError(str(error)) from None
-    if box is None and not clicks:
+    return (*LABELMAP_SUFFIXES, ".npz")
+
+
+def resolve_prompts(args, geometry) -> tuple[tuple | None, list[tuple[tuple[int, int, int], bool]]]:
+    """The box and clicks as voxel indices (z,y,x) in the image, whatever the input convention.
+    A prompt outside the image is refused with its name, its coordinates as given, and the image's
+    extent in the same units."""
+    if args.box is None and not args.clicks:
         raise UserError("give a --box and/or at least one --fg click")
+    box = None
+    if args.box is not None:
+        box = _ras_box(args.box, geometry) if args.ras else _voxel_box(args.box, geometry)
+    clicks, counts = [], {True: 0, False: 0}
+    for foreground, point in args.clicks:
+        counts[foreground] += 1
+        what = f"{'foreground' if foreground else 'background'} click {counts[foreground]} " \
+               f"(--{'fg' if foreground else 'bg'} {point.text}{' --ras' if args.ras else ''})"
+        index = _ras_index(point, geometry, what) if args.ras else _voxel_index(point, geometry, what)
+        clicks.append((index, foreground))
     return box, clicks
 
 
-def _voxel_index(point, geometry) -> np.ndarray:
+def _voxel_extent(geometry) -> str:
+    return "voxel indices z,y,x run " + ", ".join(f"0..{n - 1}" for n in geometry.shape)
+
+
+def _ras_extent(geometry) -> str:
+    """The RAS bounds of the image (its outer voxel faces), in mm."""
+    corners = geometry.kji_box_to_ras_corners((0, 0, 0), np.asarray(geometry.shape) - 1)
+    bounds = ", ".join(f"{axis} {lo:.1f}..{hi:.1f}" for axis, lo, hi in zip("RAS", corners.min(0), corners.max(0)))
+    oblique = np.abs(geometry.direction_ras).max(axis=0).min() < 1 - 1e-6  # a voxel axis off the RAS axes
+    return f"the image spans {bounds} mm" + (" (it is oblique: not all of that range is inside it)" if oblique else "")
+
+
+def _voxel_index(point, geometry, what: str) -> tuple[int, int, int]:
     index = np.asarray(point, dtype=float)
     if not np.allclose(index, np.round(index)):
-        raise UserError(f"voxel indices must be integers, got {point} (use --ras for millimetres)")
+        raise UserError(f"{what}: voxel indices are whole numbers (for millimetres add --ras)")
     index = np.round(index).astype(int)
-    if np.any(index < 0) or np.any(index >= np.asarray(geometry.shape)):
-        raise UserError(f"voxel index {tuple(index)} (z,y,x) is outside the image of shape {geometry.shape}")
-    return index
+    if not geometry.contains_index(index):
+        raise UserError(f"{what} is outside the image: {_voxel_extent(geometry)}")
+    return tuple(int(v) for v in index)
+
+
+def _voxel_box(box, geometry):
+    what = f"box (--box {box.text})"
+    corners = [_voxel_index(box[:3], geometry, f"{what}, corner 1"), _voxel_index(box[3:], geometry, f"{what}, corner 2")]
+    return tuple(map(min, *corners)), tuple(map(max, *corners))  # any two opposite corners
+
+
+def _ras_index(point, geometry, what: str) -> tuple[int, int, int]:
+    from ENSAMSegmentLib.core.geometry import OutsideVolumeError
+
+    try:
+        index = geometry.ras_to_kji_index(np.asarray(point, dtype=float))
+    except OutsideVolumeError:
+        raise UserError(f"{what} is outside the image: {_ras_extent(geometry)}") from None
+    return tuple(int(v) for v in np.ravel(index))
+
+
+def _ras_box(box, geometry):
+    from ENSAMSegmentLib.core.geometry import OutsideVolumeError
+
+    (r0, a0, s0, r1, a1, s1) = box
+    corners = np.array([[r, a, s] for r in (r0, r1) for a in (a0, a1) for s in (s0, s1)])
+    try:
+        lo, hi = geometry.box_from_ras_corners(corners)
+    except OutsideVolumeError:
+        raise UserError(f"box (--box {box.text} --ras) lies outside the image: {_ras_extent(geometry)}") from None
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
 def run(args) -> int:
-    from ENSAMSegmentLib.core.imageio import ImageReadError, read_image
-
-    try:
-        array, geometry = read_image(args.image)
-    except (ImageReadError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
+    check_output_file(args.output, output_suffixes(), "-o")
+    if args.seg_nrrd:
+        check_output_file(args.seg_nrrd, (".seg.nrrd",), "--seg-nrrd")
+    check_device(args.device)
+    check_model(args.checkpoint)
+    array, geometry = read_volume(args.image)
     box, clicks = resolve_prompts(args, geometry)
     report = segment_array(array, geometry, box, clicks, args)
     write_outputs(args, report.pop("labels"), geometry, report)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"segmented {report['foreground_voxels']} voxels in {report['timing_s']['total']:.2f} s")
-        for path in report["outputs"]:
-            print(f"wrote {path}")
+        return 0
+    model = report["model"]
+    print(f"segmented {report['foreground_voxels']:,} voxels in {report['timing_s']['total']:.2f} s "
+          f"on {report['device']}")
+    print(f"model: {model['path']} (trained on: {model['training_data']})")
+    if model["untrained"]:
+        print(UNTRAINED_NOTE)
+    for path in report["outputs"]:
+        print(f"wrote {path}")
     return 0
 
 
 def segment_array(array, geometry, box, clicks, args) -> dict:
     """Run the prompts through an InferenceSession; returns the labels and a JSON-ready report.
-    Each step in prompts_ijk says how its logits were decoded ("whole", box "region", click "window");
+    Each step in prompts_zyx says how its logits were decoded ("whole", box "region", click "window");
     a click also says how often its window grew (window_growth)."""
     from ENSAMSegmentLib.core.session import InferenceSession, SessionError
 
@@ -178,12 +236,12 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
             steps = []
             if box is not None:
                 update = session.add_box(box[0], box[1])
-                steps.append({"prompt": "box", "ijk_min": list(box[0]), "ijk_max": list(box[1]),
+                steps.append({"prompt": "box", "min_zyx": list(box[0]), "max_zyx": list(box[1]),
                               "decoding": update.decoding})
                 timing["steps"].append(update.seconds)
             for index, foreground in clicks:
                 update = session.add_click(index, foreground=foreground)
-                steps.append({"prompt": "fg" if foreground else "bg", "ijk": list(index), "decoding": update.decoding,
+                steps.append({"prompt": "fg" if foreground else "bg", "zyx": list(index), "decoding": update.decoding,
                               "window_growth": update.window_growth})
                 timing["steps"].append(update.seconds)
             labels = session.merged_labels().astype(np.uint8)
@@ -193,14 +251,14 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
     timing["total"] = time.perf_counter() - started
     return {
         "labels": labels,
-        "image": str(args.image),
+        "image": str(Path(args.image).resolve()),
         "shape": list(array.shape),
         "spacing_zyx": list(geometry.spacing_zyx),
-        "prompts_ijk": steps,
+        "prompts_zyx": steps,
         "foreground_voxels": int(labels.sum()),
         "device": session.device_name,
         "click_window": click_window,
-        "model": {"path": str(model_info.path), "training_data": model_info.training_data,
+        "model": {"path": str(Path(model_info.path).resolve()), "training_data": model_info.training_data,
                   "untrained": model_info.untrained},
         "timing_s": timing,
     }
@@ -215,8 +273,8 @@ def write_outputs(args, labels, geometry, report) -> None:
         write_segs_npz(args.output, labels)
     else:
         write_labelmap(args.output, labels, geometry)
-    outputs.append(str(args.output))
+    outputs.append(str(args.output.resolve()))
     if args.seg_nrrd:
         write_segmentation_nrrd(args.seg_nrrd, labels, geometry, names=["ENSAM"])
-        outputs.append(str(args.seg_nrrd))
+        outputs.append(str(args.seg_nrrd.resolve()))
     report["outputs"] = outputs

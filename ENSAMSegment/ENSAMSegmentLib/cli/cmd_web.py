@@ -13,9 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ENSAMSegmentLib.cli.common import add_device_argument, check_device, check_model, check_output_folder
 from ENSAMSegmentLib.cli.main import UserError
-
-DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
 def register(subparsers) -> None:
@@ -26,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image", type=Path,
                         help="image to segment (.nii/.nii.gz/.nrrd/.mha/.npz; default: the bundled sample CT)")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the embedded default model)")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
+    add_device_argument(parser)
     parser.add_argument("--out-dir", type=Path,
                         help="also write each saved segmentation here (default: browser download only)")
     parser.add_argument("--open", dest="open_browser", action="store_true", help="open the page in a browser")
@@ -35,6 +34,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     _check_web_extra()
+    from ENSAMSegmentLib.core.geometry import GeometryError
     from ENSAMSegmentLib.core.imageio import ImageReadError
     from ENSAMSegmentLib.core.modelfile import ModelFileError
     from ENSAMSegmentLib.core.phantom import sample_data_path
@@ -42,6 +42,10 @@ def run(args) -> int:
     image = args.image or sample_data_path("image")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
+    if args.out_dir is not None:
+        check_output_folder(args.out_dir, "--out-dir")
+    check_device(args.device)
+    check_model(args.checkpoint)
     # trame parses sys.argv for its own options unless TRAME_ARGS is set: ours are not its.
     os.environ.setdefault("TRAME_ARGS", "")
     if not os.environ.get("DISPLAY"):  # headless: render the views through EGL (technical notes, section 4)
@@ -51,8 +55,9 @@ def run(args) -> int:
     try:
         app = ENSAMWebApp(image, model_path=args.checkpoint, device=args.device, out_dir=args.out_dir)
     except ModelFileError as error:  # before FileNotFoundError: a missing model file is both
-        raise UserError(f"{error} (pass a model file with --checkpoint)") from None
-    except (ImageReadError, FileNotFoundError) as error:
+        raise UserError(str(error) if args.checkpoint else f"{error} (the default model; --checkpoint FILE "
+                                                           "uses another)") from None
+    except (ImageReadError, GeometryError, FileNotFoundError) as error:
         raise UserError(str(error)) from None
 
     def announce(**_):

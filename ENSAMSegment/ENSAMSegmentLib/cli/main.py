@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Order is the order shown by `ensam --help`.
@@ -26,6 +27,22 @@ OPTIONAL_COMMAND_MODULES = [
     # (module, reason it may be absent)
     ("ENSAMTrainingLib.cli_commands", "ENSAMTrainingLib is not installed"),
 ]
+
+
+# Options whose value may start with '-' (RAS millimetres often do): argparse would take
+# `--box -13.5,2,40,...` for an option, so such a value is passed on as `--box=-13.5,2,40,...`.
+NUMBER_LIST_OPTIONS = ("--box", "--fg", "--bg")
+_NEGATIVE_NUMBERS = re.compile(r"-\.?\d[\d.,eE+-]*")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1] in NUMBER_LIST_OPTIONS and _NEGATIVE_NUMBERS.fullmatch(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
 
 
 class UserError(Exception):
@@ -57,12 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return int(args.func(args) or 0)
     except UserError as error:
         print(f"ensam {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that cannot be read or written after the checks (disk full, ...)
+        print(f"ensam {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ensam {args.command}: interrupted", file=sys.stderr)
         return 130

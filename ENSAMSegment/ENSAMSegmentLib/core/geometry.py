@@ -121,6 +121,16 @@ def _check_shape(shape) -> tuple[int, int, int]:
     return shape
 
 
+def check_volume_shape(shape_zyx, name: str = "the image") -> None:
+    """ENSAM segments 3-D volumes: a volume one voxel thick along an axis (a single slice) is refused
+    with a GeometryError saying so (a 3-D box and the model's 3-D context mean nothing there)."""
+    thin = [axis for axis, size in zip("zyx", shape_zyx) if size < 2]
+    if thin:
+        raise GeometryError(
+            f"{name} is a single slice along {' and '.join(thin)} (shape {' x '.join(map(str, shape_zyx))}, z, y, x): "
+            "ENSAM segments 3-D volumes, so it needs at least 2 voxels along every axis")
+
+
 # ---------------------------------------------------------------------------------------------
 # VolumeGeometry
 
