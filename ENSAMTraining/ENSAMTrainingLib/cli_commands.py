@@ -65,6 +65,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="chance that a sample of a real --data case gets a synthesised image instead (0)")
     p.add_argument("--procedural", type=int, metavar="N", help="procedural scenes (tubes, vessel trees, lesions, "
                    "sheets, blobs) added to every epoch (0)")
+    p.add_argument("--repeat", type=_positive_int, metavar="K",
+                   help="visit every --data case and --synthetic label map K times an epoch (1)")
     p.add_argument("--out", "-o", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")

@@ -253,12 +253,14 @@ def with_synthesis(cases: list[CaseRef], probability: float) -> list[CaseRef]:
 
 
 def mix_cases(train: list[CaseRef], val: list[CaseRef], label_maps: list[CaseRef] = (),
-              synth_probability: float = 0.0, procedural: int = 0) -> list[CaseRef]:
-    """The training list: ``train`` (images synthesised with ``synth_probability``), then the label
-    maps whose file is not a validation case's, then ``procedural`` procedural scenes."""
+              synth_probability: float = 0.0, procedural: int = 0, repeat: int = 1) -> list[CaseRef]:
+    """The training list: ``train`` (images synthesised with ``synth_probability``) and the label maps
+    whose file is not a validation case's, all ``repeat`` times, then ``procedural`` procedural scenes."""
+    if repeat < 1 or procedural < 0:
+        raise DataError(f"repeat must be >= 1 and procedural >= 0, got {repeat} and {procedural}")
     held = {c.image for c in val}
-    return (with_synthesis(train, synth_probability) + [m for m in label_maps if m.image not in held]
-            + procedural_cases(procedural))
+    files = with_synthesis(train, synth_probability) + [m for m in label_maps if m.image not in held]
+    return files * repeat + procedural_cases(procedural)
 
 
 def _relative(path: Path, root: str | Path) -> str:

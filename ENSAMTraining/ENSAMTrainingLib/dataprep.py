@@ -3,7 +3,9 @@
 Output (``prepare(cache, out)``)::
 
     train/<Modality>/<Dataset>/<case>.npz   challenge layout (imgs uint8, gts 1..N, spacing), no boxes
+    train/balanced.txt                      case list (--cases): body cases BODY_REPEAT times, brains once
     dev/<Modality>_<Dataset>_<what>.npz      challenge layout with boxes: `ensam evaluate --data dev`
+    val_cases.txt                           a few dev cases (absolute paths) for `ensam train --val-cases`
     manifest.json                           every case: source, label names, shape, split
     README.md                               what is where, and the rule below
 
@@ -47,6 +49,9 @@ BRAIN_DEV_SPACING = 1.5
 DEV_MARGIN_MM = 15.0
 DEV_MAX_VOXELS = 64 * 128 * 128
 DEV_PHANTOMS = dict(n_cases=4, shape=(48, 80, 80), seed=2026, n_objects=5)
+BODY_REPEAT = 3  # train/balanced.txt lists each body case this often (2 body images vs 7 brain label maps)
+VAL_CASES = ("CT_TotalSegmentator_spleen", "CT_TotalSegmentator_iliac_artery", "MR_TotalSegmentator_kidney",
+             "MR_Colin27_aal_Hippocampus_L", "MR_Colin27_brodmann_BA17", "CT_Phantom_0000")  # val_cases.txt
 SEED = 12
 
 
@@ -329,6 +334,8 @@ README = """# ENSAM training and development data (written by `ensam data prepar
 - `dev/`: the development set (challenge .npz with boxes):
   `ensam evaluate --data {out}/dev --method ensam --method growcut --method box`.
 - `manifest.json`: every case with its source, structures (label 1, 2, ...), shape and spacing.
+- `train/balanced.txt`: the training cases with each body case {repeat} times (`--cases`), so that
+  body and brain weigh about the same; `val_cases.txt`: a few dev cases for `--val-cases`.
 
 Disjointness (no dev object is ever a training target):
 - TotalSegmentator CT and MR: by structure. Dev only: {groups} (left/right together);
@@ -337,6 +344,18 @@ Disjointness (no dev object is ever a training target):
   with other atlases.
 - Procedural phantoms (core/phantom.py, seed {seed}) are dev only.
 """
+
+
+def write_case_lists(out: Path, cases: list[PreparedCase]) -> None:
+    """train/balanced.txt (body cases BODY_REPEAT times) and val_cases.txt (VAL_CASES that exist)."""
+    lines = []
+    for case in (c for c in cases if c.split == "train"):
+        times = BODY_REPEAT if case.source.startswith("ts_") else 1
+        lines += [case.path.relative_to(out / "train").as_posix()] * times
+    (out / "train" / "balanced.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    dev = {c.path.name[: -len(".npz")]: c.path for c in cases if c.split == "dev"}
+    val = [str(dev[name].resolve()) for name in VAL_CASES if name in dev]
+    (out / "val_cases.txt").write_text("".join(f"{line}\n" for line in val), encoding="utf-8")
 
 
 def prepare(cache: str | Path, out: str | Path, log=print) -> dict:
@@ -366,7 +385,9 @@ def prepare(cache: str | Path, out: str | Path, log=print) -> dict:
         "cases": [c.info(out) for c in cases],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    (out / "README.md").write_text(README.format(out=out, groups=", ".join(BODY_DEV_GROUPS), seed=DEV_PHANTOMS["seed"]))
+    write_case_lists(out, cases)
+    (out / "README.md").write_text(README.format(out=out, groups=", ".join(BODY_DEV_GROUPS), seed=DEV_PHANTOMS["seed"],
+                                                 repeat=BODY_REPEAT))
     for split in ("train", "dev"):
         chosen = [c for c in cases if c.split == split]
         log(f"{split}: {len(chosen)} cases, {sum(len(c.structures) for c in chosen)} structures")

@@ -119,6 +119,7 @@ class TrainConfig:
     synth_probability: float = 0.0  # chance that a real training sample's image is synthesised instead
     procedural: int = 0  # procedural scenes added to each epoch (data.procedural_cases)
     progress_bar: bool = True
+    repeat: int = 1  # each real case and label map is visited this many times an epoch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,7 +192,7 @@ def split_cases(config: TrainConfig) -> tuple[list[CaseRef], list[CaseRef]]:
     if not train:
         raise TrainingError("no training case left after holding out the validation cases")
     try:
-        return mix_cases(train, val, maps, config.synth_probability, config.procedural), val
+        return mix_cases(train, val, maps, config.synth_probability, config.procedural, config.repeat), val
     except DataError as error:
         raise TrainingError(str(error)) from None
 

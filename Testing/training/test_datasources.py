@@ -200,6 +200,10 @@ def test_prepare_writes_disjoint_train_and_dev(fetched, tmp_path, monkeypatch):
         ec = load_eval_case(tmp_path / "out" / case["file"])
         assert ec.class_ids == list(range(1, len(case["structures"]) + 1)) and len(ec.case.boxes) == len(ec.class_ids)
         assert np.prod(ec.gts.shape) <= dataprep.DEV_MAX_VOXELS
+    balanced = (tmp_path / "out" / "train" / "balanced.txt").read_text().splitlines()
+    assert len(balanced) == 2 * dataprep.BODY_REPEAT + 7
+    val = (tmp_path / "out" / "val_cases.txt").read_text().splitlines()
+    assert val and all(Path(v).is_file() and "/dev/" in v for v in val)
     with pytest.raises(dataprep.PrepareError, match="already holds cases"):
         dataprep.prepare(cache, tmp_path / "out")
 

@@ -60,6 +60,8 @@ def test_mix_cases_keeps_validation_label_maps_out(npz_dataset):
     assert [c.kind for c in mixed] == ["npz"] * 3 + ["labels"] * 3 + ["procedural"] * 3
     assert real[0].image not in {c.image for c in mixed}
     assert {c.synth for c in mixed if c.kind == "npz"} == {0.25}
+    twice = mix_cases(real[1:], real[:1], maps, procedural=1, repeat=2)
+    assert len(twice) == 2 * 6 + 1 and twice[:6] == twice[6:12]
 
 
 def test_ensam_train_from_label_maps_alone(npz_dataset, tmp_path, capsys):
