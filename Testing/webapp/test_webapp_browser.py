@@ -7,6 +7,9 @@ axial view (trame's remote-controlled area forwards them to Slicer's ROI widget 
 the + Click tool by its button and a mouse click in the view, then Save segmentation. The saved
 .seg.nrrd (written by the server from its scene) and the browser's download must hold the segment
 the page reports. A screenshot of the final page is written to the test's temp folder.
+The same server then serves narrow windows (a small laptop window, a phone, a tablet): the note,
+the status and every button must lie inside the window and work. The last test stops the server
+with Ctrl+C, as a user does, and reads its log.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from pathlib import Path
 
 import pytest
 from chromium_cdp import Chromium, Page, find_chromium
+
+from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
+
+KEYS = {action: key.lower() for action, (_label, key) in ACTIONS.items()}  # the shared shortcuts
 
 VIEWPORT = (1280, 800)
 CHROMIUM_MISSING = ("Debian chromium is not installed (`make setup` installs it through "
@@ -67,14 +74,15 @@ class WebServer:
         return self.process.returncode
 
 
-@pytest.fixture
-def web_server(small_image, small_model, tmp_path):
-    """A running `ensam web` on a free loopback port, stopped afterwards."""
+@pytest.fixture(scope="module")
+def web_server(small_image, small_model, tmp_path_factory):
+    """A running `ensam web` on a free loopback port, shared by this module's tests, stopped afterwards."""
     port = _free_port()
+    folder = tmp_path_factory.mktemp("web")
     command = [sys.executable, "-m", "ENSAMSegmentLib.cli.main", "web", "--host", "127.0.0.1", "--port", str(port),
                "--image", str(small_image[0]), "--checkpoint", str(small_model), "--device", "cpu",
-               "--out-dir", str(tmp_path / "saved")]
-    server = WebServer(command, f"http://127.0.0.1:{port}/", tmp_path / "saved", tmp_path / "server.log")
+               "--out-dir", str(folder / "saved")]
+    server = WebServer(command, f"http://127.0.0.1:{port}/", folder / "saved", folder / "server.log")
     try:
         _wait_for_http(server.url, server.process, server.log_path, timeout=90)
         yield server
@@ -140,8 +148,8 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
             axial = max(json.loads(views), key=lambda r: r["width"] * r["height"])  # the large view
 
             # Box: its keyboard shortcut, then two real clicks (opposite corners) in the axial view
-            await page.press_key("b")
-            await page.wait_for("window.trame.state.get('ensam_tool') === 'box'", 10, "the Box tool (key B)")
+            await page.press_key(KEYS["box"])
+            await page.wait_for("window.trame.state.get('ensam_tool') === 'box'", 10, "the Box tool (its key)")
             corner = lambda fx, fy: (axial["x"] + fx * axial["width"], axial["y"] + fy * axial["height"])  # noqa: E731
             await page.click_at(*corner(0.30, 0.30))
             await page.send("Input.dispatchMouseEvent", type="mouseMoved", x=corner(0.4, 0.45)[0],
@@ -168,13 +176,13 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
             seen["screenshot"] = await page.screenshot(work / "ensam-web.png")  # the segment after box + click
 
             # Undo (key U) brings back the box's segment; Next object (button) starts segment 2
-            await page.press_key("u")
-            await page.wait_for(f"{_text('ensam-status')} === 'Object 1: step 1.' && "
+            await page.press_key(KEYS["undo"])
+            await page.wait_for(f"{_text('ensam-status')}.startsWith('Object 1: step 1.') && "
                                 "!window.trame.state.get('ensam_busy')", 60, "the undo")
             seen["after_undo"] = await page.evaluate(_text("ensam-segment"))
             await page.evaluate("document.getElementById('ensam-next').click()")
             await page.wait_for(f"{_text('ensam-segment')}.startsWith('ENSAM 2')", 10, "the next object")
-            seen["after_next"] = await page.evaluate(_text("ensam-segment"))
+            seen["after_next"] = [await page.evaluate(_text(i)) for i in ("ensam-status", "ensam-segment")]
         finally:
             await page.close()
     return seen
@@ -192,13 +200,12 @@ def test_browser_box_click_save(chromium, web_server, tmp_path):
     print(f"browser session: {time.monotonic() - started:.1f} s; screenshot: {tmp_path / 'ensam-web.png'}")
 
     assert seen["title"] == "ENSAM"
-    assert seen["buttons"] == ["Box [B]", "+ Click [F]", "- Click [G]", "Undo [U]", "Reset object [R]",
-                               "Next object [N]", "Save segmentation"]
+    assert seen["buttons"] == [f"{label} [{key}]" for label, key in ACTIONS.values()] + ["Save segmentation"]
     assert re.fullmatch(r"Image encoded in \d+ ms\.", seen["timing_encoded"])
     assert "untrained" in seen["note"]
 
     status, timing, segment = seen["after_box"]
-    assert status == "Object 1: step 1." and re.fullmatch(r"Box: \d+ ms \(model \d+ ms\)\.", timing)
+    assert status.startswith("Object 1: step 1.") and re.fullmatch(r"Box: \d+ ms \(model \d+ ms\)\.", timing)
     assert _voxels(segment) > 0, "the box gave an empty segment"
     status, timing, segment = seen["after_click"]
     assert status == "Object 1: step 2." and re.fullmatch(r"Click: \d+ ms \(model \d+ ms\)\.", timing)
@@ -214,8 +221,64 @@ def test_browser_box_click_save(chromium, web_server, tmp_path):
     assert seen["downloads"][0].read_bytes() == saved.read_bytes()
 
     assert _voxels(seen["after_undo"]) == _voxels(seen["after_box"][2])
-    assert seen["after_next"] == "ENSAM 2: 0 voxels (0 mL), 2 segment(s)"
+    assert seen["after_next"] == ["Next object: ENSAM 2. Draw a box, or click on the structure.",
+                                  "ENSAM 2: 0 voxels (0 mL), 2 segment(s)"]
 
     png = seen["screenshot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert web_server.stop() == 0, f"Ctrl+C did not stop the server cleanly:\n{_log_tail(log_path)}"
+
+
+# The page at these window sizes: a laptop's small window, a phone held upright, a tablet on its side.
+NARROW_WINDOWS = [(800, 600), (390, 844), (960, 600)]
+VISIBLE = """(() => {{ const r = document.getElementById('{id}').getBoundingClientRect();
+  return r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0 && r.right <= {w} && r.bottom <= {h}; }})()"""
+
+
+async def _narrow(chromium_path: str, url: str, work: Path) -> dict:
+    """At each narrow size: which panel elements lie fully inside the window, the views' sizes, and whether
+    a button still works (the + Click tool on, then off)."""
+    seen = {}
+    with Chromium(chromium_path, work / "profile") as browser:
+        page = await Page.open(browser.port)
+        try:
+            for w, h in NARROW_WINDOWS:
+                await page.set_viewport(w, h)
+                await page.navigate(url)
+                await page.wait_for(f"!!document.getElementById('ensam-status') && {_text('ensam-status')} !== ''",
+                                    timeout=60, what="the status line")
+                ids = ["ensam-note", "ensam-status", "ensam-save"] + [f"ensam-{action}" for action in ACTIONS]
+                visible = {i: await page.evaluate(VISIBLE.format(id=i, w=w, h=h)) for i in ids}
+                views = await page.wait_for(  # the views' boxes (each clips its streamed image)
+                    "(() => { const v = [...document.querySelectorAll('.layout-grid-item')]"
+                    ".map(e => e.getBoundingClientRect()).filter(r => r.width > 50 && r.height > 50);"
+                    " return v.length === 3 ? JSON.stringify(v) : null; })()", timeout=30, what="three slice views")
+                tool = "window.trame.state.get('ensam_tool')"
+                before = await page.evaluate(tool)
+                for expected in ("null" if before == "foreground" else "'foreground'", json.dumps(before)):
+                    await page.evaluate("document.getElementById('ensam-foreground').click()")
+                    await page.wait_for(f"{tool} === {expected}", 10, f"the + Click button to make the tool {expected}")
+                seen[(w, h)] = visible, json.loads(views)
+                await page.screenshot(work / f"ensam-web-{w}x{h}.png")
+        finally:
+            await page.close()
+    return seen
+
+
+def test_narrow_windows_show_the_note_status_and_every_button(chromium, web_server, tmp_path):
+    try:
+        seen = asyncio.run(_narrow(chromium, web_server.url, tmp_path))
+    except Exception as error:
+        raise AssertionError(f"{error}\n-- server log --\n{_log_tail(web_server.log_path)}") from error
+    for (w, h), (visible, views) in seen.items():
+        hidden = [element for element, shown in visible.items() if not shown]
+        assert not hidden, f"at {w}x{h} these are not fully inside the window: {hidden}"
+        assert all(v["x"] >= 0 and v["x"] + v["width"] <= w + 1 and v["y"] + v["height"] <= h + 1 for v in views), \
+            f"at {w}x{h} a view is not inside the window: {views}"
+        assert max(v["height"] for v in views) > h / 4, f"at {w}x{h} the views are too small: {views}"
+
+
+def test_ctrl_c_stops_the_server_and_its_log_has_no_vtk_noise(web_server):
+    """Run last in this module: it stops the shared server."""
+    assert web_server.stop() == 0, f"Ctrl+C did not stop the server cleanly:\n{_log_tail(web_server.log_path)}"
+    log = web_server.log_path.read_text(errors="replace")
+    assert "WindowResizeEvent" not in log and "Warning: In vtkObject" not in log, log[:2000]

@@ -66,11 +66,16 @@ def test_page_state_follows_box_click_undo_next_and_save(web_app):
 
     state, controller = web_app.state, web_app.controller
     assert state.ensam_note == UNTRAINED_NOTE and state.ensam_model == "Model: small.pt"
-    assert state.ensam_busy and state.ensam_status.startswith("Encoding")  # submitted at start-up
+    # nothing is loaded or encoded before the server runs: the page shows it as it happens
+    assert state.ensam_status.startswith("Starting") and controller.session is None and not state.ensam_ready
+    statuses = []
+    state.change("ensam_status")(lambda ensam_status, **_: statuses.append(ensam_status))
+    state.ready()  # as the server does when it starts: flushes now call the listener
 
     async def scenario(app):
         await _until(lambda: state.ensam_ready and not state.ensam_busy, "the image to be encoded")
         assert state.ensam_status.startswith("Ready") and "encoded in" in state.ensam_timing
+        assert statuses == [statuses[0], "Loading the model...", "Encoding 'phantom'...", state.ensam_status]
         assert state.ensam_segments == 0 and state.ensam_voxels == 0
 
         _place_box(app)
@@ -105,6 +110,7 @@ def test_page_state_follows_box_click_undo_next_and_save(web_app):
         first = controller.segment_id
         app.run_action("next")
         assert state.ensam_segments == 2 and state.ensam_segment == "ENSAM 2" and state.ensam_voxels == 0
+        assert state.ensam_status == "Next object: ENSAM 2. Draw a box, or click on the structure."
         assert controller.segment_id != first
         np.testing.assert_array_equal(controller.writer.read(first), after_box)  # kept as it was
 
@@ -144,13 +150,35 @@ def test_views_show_the_volume_and_page_has_every_action(web_app):
         assert f'id="{element}"' in html
 
 
+def test_views_show_name_position_and_orientation_letters_as_slicer(capfd, web_app):  # capfd first: it sees the app start
+    from ENSAMSegmentLib.webapp.layout import view_annotations, view_state_key
+
+    views = {view.get_singleton_tag(): view for view in web_app.slicer.view_manager.get_slice_views()}
+    shown = {web_app.state[view_state_key(label)]["name"]: web_app.state[view_state_key(label)] for label in views}
+    assert sorted(shown) == ["Axial", "Coronal", "Sagittal"]  # the phantom is not oblique
+    assert [shown["Axial"]["letters"][e] for e in ("top", "right", "bottom", "left")] == ["A", "L", "P", "R"]
+    assert [shown["Coronal"]["letters"][e] for e in ("top", "right", "bottom", "left")] == ["S", "L", "I", "R"]
+    assert [shown["Sagittal"]["letters"][e] for e in ("top", "bottom")] == ["S", "I"]
+    assert {shown[n]["color"] for n in shown} == {"#f34a33", "#6dad4a", "#efd64d"}  # Slicer's red, green, yellow
+    for label, view in views.items():  # the position is the plane's RAS coordinate (a normal may point to -R)
+        axis = {"Sagittal": 0, "Coronal": 1, "Axial": 2}[view.get_orientation()]
+        view.set_slice_value(view.get_slice_value() + 2.0)  # scrolling updates the page
+        plane = view.get_view_node().GetSliceToRAS().GetElement(axis, 3)
+        assert web_app.state[view_state_key(label)]["position"] == f"{'RAS'[axis]}: {plane:.1f} mm"
+    oblique = views["Red"].get_view_node()
+    oblique.GetSliceToRAS().DeepCopy([0.9, -0.3, 0.3, 0, 0.3, 0.95, 0, 0, -0.28, 0.1, 0.95, 0, 0, 0, 0, 1])
+    oblique.UpdateMatrices()
+    assert view_annotations(oblique, 0.0)["name"] == f"{oblique.GetDefaultOrientation()} (oblique)"
+    assert "WindowResizeEvent" not in capfd.readouterr().err  # VTK's warnings about trame-slicer's views
+
+
 def test_key_table_is_the_shared_shortcuts():
     from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS
     from ENSAMSegmentLib.webapp.layout import key_table
 
     keys = key_table()
     assert len(keys) == len(ACTIONS) and set(keys.values()) == set(ACTIONS)
-    assert keys["b"] == "box" and keys["f"] == "foreground" and keys["u"] == "undo"
+    assert all(keys[key.lower()] == action for action, (_label, key) in ACTIONS.items())
 
 
 @pytest.mark.parametrize("name, expected", [("ct.nii.gz", "ct"), ("ct.NII.GZ", "ct"), ("a.b.nrrd", "a.b"),
@@ -200,21 +228,35 @@ def cli_env(monkeypatch):
     monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 
-def test_cli_missing_image(cli_env, tmp_path, capsys):
+def test_cli_missing_image(cli_env, small_model, tmp_path, capsys):
     from ENSAMSegmentLib.cli.main import main
 
-    assert main(["web", "--image", str(tmp_path / "none.nrrd"), "--port", "0"]) == 2
+    assert main(["web", "--image", str(tmp_path / "none.nrrd"), "--port", "0", "--checkpoint", str(small_model)]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
-def test_cli_bad_checkpoint_points_at_the_option(cli_env, small_image, tmp_path, capsys):
+def test_cli_bad_checkpoint_names_the_file(cli_env, small_image, tmp_path, capsys):
     from ENSAMSegmentLib.cli.main import main
 
     not_a_model = tmp_path / "model.pt"
     not_a_model.write_bytes(b"not a model")
     assert main(["web", "--image", str(small_image[0]), "--checkpoint", str(not_a_model)]) == 2
-    err = capsys.readouterr().err
-    assert "model.pt" in err and "--checkpoint" in err
+    assert capsys.readouterr().err.startswith(f"ensam web: error: model file {not_a_model}: not an ENSAM model file")
+    assert main(["web", "--image", str(small_image[0]), "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert capsys.readouterr().err == f"ensam web: error: --checkpoint {tmp_path / 'none.pt'}: no such file\n"
+
+
+def test_cli_refuses_a_single_slice_and_an_out_dir_that_is_a_file(cli_env, small_model, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from ENSAMSegmentLib.cli.main import main
+
+    image = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 1, 8), np.int16)), str(image))
+    assert main(["web", "--image", str(image), "--checkpoint", str(small_model)]) == 2
+    assert "slice.nrrd is a single slice along y" in capsys.readouterr().err
+    assert main(["web", "--out-dir", str(image), "--checkpoint", str(small_model)]) == 2
+    assert capsys.readouterr().err == f"ensam web: error: --out-dir {image} is a file, not a folder\n"
 
 
 def test_cli_bad_port(cli_env, capsys):

@@ -276,7 +276,11 @@ class PromptController:
             self.on_change()
             return None
         self.segment_id = self._target_or_status()
-        self.on_change()
+        if self.segment_id is None:  # the status says why
+            self.on_change()
+            return None
+        name = self.segmentation_node.GetSegmentation().GetSegment(self.segment_id).GetName()
+        self._set_status(f"Next object: {name}. Draw a box, or click on the structure.")
         return self.segment_id
 
     def _object_op(self, kind: str) -> None:

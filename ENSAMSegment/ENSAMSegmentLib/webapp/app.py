@@ -10,14 +10,17 @@
 Everything about prompts, objects and undo lives in ENSAMSegmentLib/mrml/promptcontroller.py; this file
 only wires it to the page: the controller's `wake` starts an asyncio task that calls `poll()` on the
 server's event loop while the controller is busy, the way the Slicer module uses a Qt timer.
-Views are created before any data is added (trame-slicer needs its view pipelines first).
+Views are created before any data is added (trame-slicer needs its view pipelines first). The model is
+loaded and the image encoded once the server runs, so the page shows that as it happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import time
 from pathlib import Path
 
 from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, TOOLS
@@ -88,6 +91,20 @@ def build_views(server):
     return slicer_app, layout_manager
 
 
+@contextlib.contextmanager
+def vtk_warnings_off():
+    """No VTK warnings while the views are made: trame-slicer's slice views observe the interactor's
+    WindowResizeEvent, which VTK 9.6 warns about once per view; nothing a user can act on."""
+    from vtkmodules.vtkCommonCore import vtkObject
+
+    shown = vtkObject.GetGlobalWarningDisplay()
+    vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtkObject.SetGlobalWarningDisplay(shown)
+
+
 def style_prompt_nodes(controller) -> None:
     """No name labels on the prompts (they overlap on small views); a light box fill shows the segment."""
     for node in controller.prompt_nodes():
@@ -110,6 +127,7 @@ class ENSAMWebApp:
     def __init__(self, image_path, *, model_path=None, device: str = "auto", out_dir=None, server=None):
         from trame.app import get_server
 
+        from ENSAMSegmentLib.core.geometry import check_volume_shape
         from ENSAMSegmentLib.core.imageio import read_image
         from ENSAMSegmentLib.mrml.volumes import add_volume
         from ENSAMSegmentLib.mrml.promptcontroller import PromptController
@@ -118,15 +136,18 @@ class ENSAMWebApp:
         self.image_path = Path(image_path)
         self.volume_name = image_name(self.image_path)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._encoding_since: float | None = None  # when start_encoding ran
         array, geometry = read_image(self.image_path)  # (z, y, x); bad files fail here, before any view
+        check_volume_shape(array.shape, self.image_path.name)
         self.model_label, self.model_note = model_summary(model_path)
         self.server = get_server(server, client_type="vue3")
         self.state.update(STATE_DEFAULTS)
         self.state.trame__title = "ENSAM"
 
         # views first, data after (trame-slicer's view pipelines must exist before the nodes they show)
-        self.slicer, self.layout_manager = build_views(self.server)
-        self.page = build_page(self)
+        with vtk_warnings_off():
+            self.slicer, self.layout_manager = build_views(self.server)
+            self.page = build_page(self)
         self.volume_node = add_volume(self.slicer.scene, array, geometry, self.volume_name)
         self.slicer.display_manager.show_volume_in_slice_background(self.volume_node)
         self.slicer.display_manager.reset_views()
@@ -136,9 +157,9 @@ class ENSAMWebApp:
                                            wake=self.wake, on_change=self.sync_state)
         style_prompt_nodes(self.controller)
         self.controller.set_model(model_path, device)
-        self.controller.set_volume(self.volume_node)  # encoding starts now, in the session's worker
-        self.server.controller.on_server_ready.add_task(self._poll_loop)
+        self.server.controller.on_server_ready.add_task(self._poll_loop)  # loads the model, encodes the image
         self.sync_state()
+        self.state.ensam_status = "Starting: the model loads and the image is encoded once the page is served."
 
     @property
     def state(self):
@@ -193,12 +214,18 @@ class ENSAMWebApp:
 
     # -- controller -> page ---------------------------------------------------------------------
 
+    def start_encoding(self) -> None:
+        """Load the model and encode the image in the session's worker (the page shows the progress)."""
+        self._encoding_since = time.monotonic()
+        self.controller.set_volume(self.volume_node)
+
     def sync_state(self) -> None:
         """Copy the controller's status, timing, tool and target into the page state."""
         c = self.controller
+        encoding = self._encoding_since is not None and c.encoding
         self.state.update({
             "ensam_status": c.status,
-            "ensam_timing": c.timing,
+            "ensam_timing": f"{time.monotonic() - self._encoding_since:.0f} s so far." if encoding else c.timing,
             "ensam_model": self.model_label,
             "ensam_note": self.model_note,
             "ensam_tool": c.active_tool(),
@@ -227,7 +254,13 @@ class ENSAMWebApp:
     async def _poll_loop(self, **_) -> None:
         """On the server's loop for its lifetime: poll the controller while it is busy."""
         self._woken = asyncio.Event()
-        self._woken.set()  # the image was submitted before the server started
+        with self.state:
+            self.state.ensam_status = "Loading the model..."
+        await asyncio.sleep(0)  # the page gets that before the model loads (it blocks the loop briefly)
+        with self.state:
+            self.start_encoding()
+            self.sync_state()
+        self._woken.set()
         while True:
             await self._woken.wait()
             self._woken.clear()
