@@ -1,6 +1,7 @@
 # ENSAM for 3D Slicer: one environment (.venv) for the CLI, the tests and the browser app.
 #   make setup   create .venv and install pinned dependencies (quick when already done)
-#   make demo    segment the bundled sample volume with `ensam segment`
+#   make demo    `ensam demo`: segment the bundled sample CT from its box and click, write a labelmap,
+#                an overlay PNG and report.json to demo-output/ (says so when the model is untrained)
 #   make test    run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
