@@ -175,9 +175,10 @@ def view_state_key(view_id: str) -> str:
 
 
 def view_annotations(slice_node, offset: float) -> dict:
-    """What Slicer shows on a slice view: its orientation ('Axial'; Slicer's 'Reformat' when turned to an
-    oblique volume's axes is shown as 'Axial (oblique)'), its colour, the slice position along the RAS axis
-    nearest to the slice normal ('S: 12.5 mm'), and the anatomical direction (R/L, A/P, S/I) at each edge."""
+    """What Slicer shows on a slice view: its orientation ('Axial'; a view Slicer turned to an oblique
+    volume's axes, its 'Reformat', is named after the RAS axis nearest to its normal: 'Axial (oblique)'),
+    its colour, the slice position along that axis ('S: 12.5 mm'), and the anatomical direction
+    (R/L, A/P, S/I) at each edge."""
     matrix = slice_node.GetSliceToRAS()
     column = [[matrix.GetElement(row, col) for row in range(3)] for col in range(3)]  # screen x, screen y, normal
     right, up, normal = column
@@ -185,8 +186,8 @@ def view_annotations(slice_node, offset: float) -> dict:
     position = offset if normal[axis] > 0 else -offset
     color = "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in slice_node.GetLayoutColor()))
     name = slice_node.GetOrientation()
-    if name == slice_node.GetReformatOrientationName():  # turned to an oblique volume's axes, as Slicer does
-        name = f"{slice_node.GetDefaultOrientation()} (oblique)"
+    if name not in ("Axial", "Coronal", "Sagittal"):  # Slicer's 'Reformat': turned to an oblique volume's axes
+        name = ("Sagittal", "Coronal", "Axial")[axis] + " (oblique)"
     return {"name": name, "color": color, "position": f"{'RAS'[axis]}: {position:.1f} mm",
             "letters": {"right": _letter(right), "left": _letter([-c for c in right]),
                         "top": _letter(up), "bottom": _letter([-c for c in up])}}
