@@ -83,11 +83,22 @@ def test_a_missing_default_model_says_what_to_do(image_file, tmp_path, monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_cuda_without_cuda_says_how_to_get_a_cuda_torch(image_file, model_file, tmp_path, capsys):
-    err = _error(["segment", str(image_file), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd"),
-                  "--checkpoint", str(model_file), "--device", "cuda"], capsys)
-    assert "--device cuda: this torch" in err
+@pytest.mark.parametrize("command", ["segment", "demo", "bench"])
+def test_cuda_without_cuda_says_how_to_get_a_cuda_torch(command, image_file, model_file, tmp_path, capsys):
+    args = {"segment": [str(image_file), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd")],
+            "demo": ["--out", str(tmp_path / "demo")], "bench": ["--repeats", "1"]}[command]
+    err = _error([command, *args, "--checkpoint", str(model_file), "--device", "cuda"], capsys)
+    assert err.startswith(f"ensam {command}: error: --device cuda: this torch")
     assert "pip install torch --index-url https://download.pytorch.org/whl/cu" in err and "--device cpu" in err
+
+
+def test_a_folder_is_neither_an_image_nor_a_model(image_file, model_file, tmp_path, capsys):
+    err = _error(["segment", str(tmp_path), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd"),
+                  "--checkpoint", str(model_file)], capsys)
+    assert err.endswith(f"{tmp_path} is a folder; give an image file (.nii.gz, .nrrd, .mha, .npz, ...)")
+    for command in (["info"], ["segment", str(image_file), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd")]):
+        assert _error([*command, "--checkpoint", str(tmp_path)], capsys).endswith(
+            f"--checkpoint {tmp_path}: a folder, not a model file")
 
 
 def test_a_single_slice_image_is_refused(model_file, tmp_path, capsys):

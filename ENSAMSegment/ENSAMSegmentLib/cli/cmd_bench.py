@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.common import check_device
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -45,6 +46,8 @@ def run(args) -> int:
     from ENSAMSegmentLib.evaluation.benchmark import BenchmarkError, format_report, parse_shape, run_benchmark
     from ENSAMSegmentLib.evaluation.growcut import GrowCutError
     from ENSAMSegmentLib.core.session import SessionError
+
+    check_device(args.device)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

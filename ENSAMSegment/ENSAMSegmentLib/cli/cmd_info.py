@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ENSAMSegmentLib.cli.common import UNTRAINED_NOTE, missing_default_model
+from ENSAMSegmentLib.cli.common import UNTRAINED_NOTE, check_model, missing_default_model
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -38,6 +38,7 @@ def describe(checkpoint: Path | None) -> dict:
     if checkpoint is None and not path.is_file():
         missing = missing_default_model(path)
     else:
+        check_model(checkpoint)
         try:
             info = read_model_info(path)
         except ModelFileError as error:

@@ -106,6 +106,8 @@ def read_volume(path: Path):
     from ENSAMSegmentLib.core.geometry import GeometryError, check_volume_shape
     from ENSAMSegmentLib.core.imageio import ImageReadError, read_image
 
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder; give an image file (.nii.gz, .nrrd, .mha, .npz, ...)")
     try:
         array, geometry = read_image(path)
         check_volume_shape(array.shape, Path(path).name)
