@@ -123,30 +123,27 @@ def test_autocast_dtype_on_gpus():
 
 def test_memory_formats():
     assert devices.memory_format(CPU, torch.bfloat16) == torch.channels_last_3d
-    assert devices.memory_format(CPU, None) == torch.contiguous_format
+    assert devices.memory_format(CPU, None) == torch.channels_last_3d  # fp32 too: no oneDNN reorders
     assert devices.memory_format(torch.device("cuda"), torch.bfloat16) == torch.contiguous_format
     assert devices.memory_format(torch.device("cuda"), torch.float16) == torch.contiguous_format
 
 
-def test_prepare_model_and_input_use_channels_last_for_cpu_bf16():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_prepare_model_and_input_use_channels_last_on_the_cpu(dtype):
     model = small_model().train()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(c.weight.is_contiguous() for c in convs)
-    same = devices.prepare_model(model, CPU, None)
-    assert same is model and not model.training  # eval mode, weights untouched
-    assert all(c.weight.is_contiguous() for c in convs)
-    devices.prepare_model(model, CPU, torch.bfloat16)
+    same = devices.prepare_model(model, CPU, dtype)
+    assert same is model and not model.training  # eval mode
     wide = [c for c in convs if c.weight.shape[1] > 1 and c.kernel_size != (1, 1, 1)]  # else the layouts coincide
     assert wide and all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in wide)
     assert all(not c.weight.is_contiguous() for c in wide)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast casts; weights stay fp32
 
     x = torch.rand(1, 3, 8, 16, 24)  # [B, C, D, H, W]
-    last = devices.prepare_input(x, CPU, torch.bfloat16)
+    last = devices.prepare_input(x, CPU, dtype)
     assert last.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(last, x)
     assert last.dtype == torch.float32
-    plain = devices.prepare_input(last, CPU, None)
-    assert plain.is_contiguous() and torch.equal(plain, x)
 
 
 # ----------------------------------------------------------------------------- a bf16 session on the CPU

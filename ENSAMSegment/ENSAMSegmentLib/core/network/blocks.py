@@ -10,10 +10,15 @@ Frozen normalisation and windowed decoding (interactive clicks): a decoder pass 
 that the decoder becomes a local function of its inputs. `Decoder.forward_window` then computes the
 decoder's output over any window exactly as the whole pass with the same `norms` would (every level
 over its window plus the halo its convolutions and upsampling need), at the cost of the window.
+
+CPU inference on large tensors streams (see "streaming" below): each block runs slab by slab along
+depth with whole-tensor GroupNorm statistics, the same result up to rounding with a fraction of the
+temporaries. Without autograd, ReLUs and residual additions also run in place on fresh tensors.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -45,10 +50,30 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor, norms: Norms | None) -> torc
             return out
         var, mean = x.float().reshape(n, g, -1).var_mean(-1, unbiased=False)
         norms[norm] = (mean, (var + norm.eps).rsqrt())
-    mean, rstd = (t.to(x.device).repeat_interleave(c // g, dim=1) for t in norms[norm])  # [N, C]
+    scale, shift = scale_shift(norm, norms[norm], x)
+    return torch.addcmul(shift, x, scale)
+
+
+def scale_shift(norm: nn.GroupNorm, stats, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with statistics `stats` = (mean, rstd) [N, groups] as x * scale + shift: both
+    [N, C, 1, 1, 1], on the device and in the dtype of `like`."""
+    n, c = stats[0].shape[0], norm.num_channels
+    mean, rstd = (t.to(like.device).repeat_interleave(c // norm.num_groups, dim=1) for t in stats)  # [N, C]
     scale = rstd * norm.weight.float()
     shift = norm.bias.float() - mean * scale
-    return torch.addcmul(shift.view(n, c, 1, 1, 1).to(x.dtype), x, scale.view(n, c, 1, 1, 1).to(x.dtype))
+    return scale.view(n, c, 1, 1, 1).to(like.dtype), shift.view(n, c, 1, 1, 1).to(like.dtype)
+
+
+def norm_relu(norm: nn.GroupNorm, x: torch.Tensor, norms: Norms | None) -> torch.Tensor:
+    """relu(group_norm(...)), the ReLU in place on the fresh normalised tensor (autograd-safe: GroupNorm's
+    backward needs its input, not its output). One full-size temporary fewer per call."""
+    return F.relu(group_norm(norm, x, norms), inplace=True)
+
+
+def add_into(h: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """h + other, written into h (a convolution's fresh output, which no backward needs) when the
+    dtypes agree; out of place otherwise, so that type promotion stays that of `h + other`."""
+    return h.add_(other) if h.dtype == other.dtype and h.shape == other.shape else h + other
 
 
 class ResBlock(nn.Module):
@@ -63,10 +88,13 @@ class ResBlock(nn.Module):
         self.conv2 = conv3(c_out, c_out)
         self.skip = nn.Identity() if c_in == c_out else conv1(c_in, c_out)
 
-    def forward(self, x: torch.Tensor, norms: Norms | None = None) -> torch.Tensor:
-        h = self.conv1(F.relu(group_norm(self.norm1, x, norms)))
-        h = self.conv2(F.relu(group_norm(self.norm2, h, norms)))
-        return self.skip(x) + h
+    def forward(self, x: torch.Tensor, norms: Norms | None = None, consume: bool = False) -> torch.Tensor:
+        """consume: x is the caller's to overwrite (a streamed block then writes its output into x)."""
+        if streams(x):
+            return stream_block(self, [x], norms, out=x if consume and isinstance(self.skip, nn.Identity) else None)
+        h = self.conv1(norm_relu(self.norm1, x, norms))
+        h = self.conv2(norm_relu(self.norm2, h, norms))
+        return add_into(h, self.skip(x))
 
 
 class Encoder(nn.Module):
@@ -85,7 +113,9 @@ class Encoder(nn.Module):
         x = self.init_conv(x)  # [B, C, D, H, W]
         outputs = []
         for level in self.levels:
-            x = level(x)
+            x = level[0](x)  # the stride-2 convolution (identity at the first level)
+            for block in level[1:]:
+                x = block(x, consume=True)  # every block input here is an intermediate of this pass
             outputs.append(x)
         return outputs
 
@@ -100,6 +130,8 @@ class UpLevel(nn.Module):
         self.block = ResBlock(2 * c, c, groups=groups)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, norms: Norms | None = None) -> torch.Tensor:
+        if streams(skip):
+            return stream_block(self.block, [self.upsample(x), skip], norms)
         return self.block(torch.cat([self.upsample(x), skip], dim=1), norms)
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +156,11 @@ class Decoder(nn.Module):
         return self.head(x, norms)  # [N, 1, D, H, W]
 
     def head(self, x: torch.Tensor, norms: Norms | None = None) -> torch.Tensor:
-        return self.final_conv(F.relu(group_norm(self.final_norm, x, norms)))
+        if streams(x):  # slab by slab: GroupNorm statistics first, then the 1x1 convolution of each slab
+            slabs = slabs_of(x, x.shape[1], x.shape[1])
+            stats = {self.final_norm: channel_stats(self.final_norm, [x], slabs, norms)}
+            return assemble(slabs, lambda a, b: self.final_conv(norm_relu(self.final_norm, x[:, :, a:b], stats)))
+        return self.final_conv(norm_relu(self.final_norm, x, norms))
 
     def forward_window(self, x: torch.Tensor, skips: list[torch.Tensor], window, norms: Norms) -> torch.Tensor:
         """forward(x, skips, norms)[..., window] at the cost of the window: logits [N, 1, *window sizes].
@@ -148,6 +184,133 @@ class Decoder(nn.Module):
             u = up.upsample(h)[(..., *_within(inp, coarse, 2))]  # upsampled coarse window covers inp
             h = up.block(torch.cat([u, skip[(..., *inp)]], dim=1), norms)[(..., *_within(out, inp, 1))]
         return self.head(h, norms)
+
+
+# --------------------------------------------------------------------------------- streaming (CPU inference)
+# Without autograd, a CPU block on a large tensor runs slab by slab along depth (dim 2): GroupNorm
+# statistics of the whole tensor first (a pass over it), then every slab's convolution from its rows
+# plus one halo row either side, normalised into one reused buffer. Same result as the whole-tensor
+# pass up to rounding (Testing/core/test_network_streaming.py), but the temporaries (normalised input,
+# ReLU, concatenation) are a slab instead of the whole tensor: the encoder's peak memory drops by two
+# full-resolution tensors, and a slab's convolution output stays under glibc's largest mmap threshold
+# (32 MB), so it is reused from the heap instead of being mapped, zero-filled and unmapped every layer.
+
+STREAM_BYTES = 64 * 2**20  # a block whose input is larger streams (CPU, no autograd)
+SLAB_BYTES = 24 * 2**20  # about what one slab of the block's widest tensor holds
+ONEDNN_MIN_NCDH = 20481  # PyTorch hands fp32 convolutions with a smaller N*C*D*H to its slow native kernel
+
+
+def streams(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() * x.element_size() > STREAM_BYTES
+
+
+def slabs_of(x: torch.Tensor, widest: int, narrowest: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) along dim 2 of equal size (+-1), each about SLAB_BYTES for `widest` channels
+    (a little more rather than less) and thick enough for oneDNN to convolve one of `narrowest` channels
+    (ONEDNN_MIN_NCDH)."""
+    n, _, depth, h, w = x.shape
+    rows = max(SLAB_BYTES // (n * widest * h * w * x.element_size()), -(-ONEDNN_MIN_NCDH // (n * narrowest * h)), 1)
+    count = max(1, depth // rows)
+    bounds = [depth * i // count for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def stream_block(block: ResBlock, parts: list, norms: Norms | None, out=None) -> torch.Tensor:
+    """block(torch.cat(parts, dim=1), norms), slab by slab (see above); out: where to write the output
+    (may be parts[0] itself: its rows are read for the last time just before they are overwritten)."""
+    c_in, c_out = block.conv1.in_channels, block.conv1.out_channels
+    slabs = slabs_of(parts[0], max(c_in, c_out), min(c_in, c_out))
+    stats1 = channel_stats(block.norm1, parts, slabs, norms)
+    buffer = _buffer(parts, c_in, slabs, halo=1)
+    moments = [] if norms is None or block.norm2 not in norms else None  # of h's slabs, while in cache
+    h = assemble(slabs, lambda a, b: _norm_conv(block.conv1, block.norm1, stats1, parts, a, b, buffer),
+                 moments=moments)
+    stats2 = channel_stats(block.norm2, [h], slabs, norms, moments)
+    buffer = _buffer([h], c_out, slabs, halo=1)
+    joined = _buffer(parts, c_in, slabs, halo=0) if len(parts) > 1 else None
+
+    def output(a: int, b: int) -> torch.Tensor:
+        y = _norm_conv(block.conv2, block.norm2, stats2, [h], a, b, buffer)
+        x = parts[0][:, :, a:b] if joined is None else torch.cat([p[:, :, a:b] for p in parts], 1,
+                                                                 out=joined[:, :, : b - a])
+        return add_into(y, block.skip(x))
+
+    return assemble(slabs, output, out)
+
+
+def channel_stats(norm: nn.GroupNorm, parts: list, slabs, norms: Norms | None, moments=None):
+    """(mean, rstd) [N, groups] float32 of torch.cat(parts, dim=1): every slab's per-channel moments
+    (`moments` when given, else read from the parts), merged in float64 (Chan et al.); taken from and
+    stored in `norms` as group_norm does."""
+    if norms is not None and norm in norms:
+        return norms[norm]
+    count, mean, m2 = 0, 0.0, 0.0
+    for i, (a, b) in enumerate(slabs):
+        var, m = moments[i] if moments else (torch.cat(t, 1) for t in zip(*(_moments(p[:, :, a:b]) for p in parts)))
+        k = parts[0][0, 0, a:b].numel()
+        delta, total = m - mean, count + k
+        mean, m2, count = mean + delta * (k / total), m2 + var * k + delta**2 * (count * k / total), total
+    n, g = mean.shape[0], norm.num_groups
+    mean, m2 = mean.view(n, g, -1), m2.view(n, g, -1)
+    group_mean = mean.mean(-1)
+    var = (m2.sum(-1) / count + ((mean - group_mean[..., None]) ** 2).sum(-1)) / mean.shape[-1]
+    stats = (group_mean.float(), (var + norm.eps).rsqrt().float())
+    if norms is not None:
+        norms[norm] = stats
+    return stats
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var, mean) [N, C] float64 of every channel of x [N, C, ...] over its space (native_group_norm
+    with one group per channel: one fast pass, any layout)."""
+    n, c = x.shape[:2]
+    x = x.float().contiguous(memory_format=_format(x))  # a copy only for crops, bf16 and expanded batches
+    _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), c, 0.0)
+    return rstd.double().pow(-2), mean.double()
+
+
+def _buffer(parts: list, channels: int, slabs, halo: int) -> torch.Tensor:
+    """A reused slab buffer: the thickest slab plus `halo` rows either side, parts[0]'s layout."""
+    x = parts[0]
+    rows = max(b - a for a, b in slabs) + 2 * halo
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+    return torch.empty((x.shape[0], channels, rows, *x.shape[3:]), dtype=dtype, device=x.device,
+                       memory_format=_format(x))
+
+
+def _norm_conv(conv: nn.Conv3d, norm: nn.GroupNorm, stats, parts: list, a: int, b: int, buffer) -> torch.Tensor:
+    """conv(relu(GN(x)))[:, :, a:b] for a 3x3x3 convolution with padding 1, from x's rows a-1 .. b
+    (x = torch.cat(parts, dim=1); rows beyond x are the zeros the convolution pads with)."""
+    lo, hi = max(0, a - 1), min(parts[0].shape[2], b + 1)
+    t = buffer[:, :, : b - a + 2]
+    scale, shift = scale_shift(norm, stats, buffer)
+    c = 0
+    for p in parts:
+        rows = t[:, c:c + p.shape[1], lo - a + 1: hi - a + 1]
+        torch.addcmul(shift[:, c:c + p.shape[1]], p[:, :, lo:hi], scale[:, c:c + p.shape[1]], out=rows)
+        c += p.shape[1]
+    t[:, :, : lo - a + 1].zero_()
+    t[:, :, hi - a + 1:].zero_()
+    return F.conv3d(F.relu_(t), conv.weight, conv.bias, 1, (0, 1, 1))
+
+
+def assemble(slabs, compute, out=None, moments: list | None = None) -> torch.Tensor:
+    """The tensor whose rows [a, b) along dim 2 are compute(a, b), written into `out` when it fits;
+    `moments` receives every slab's (var, mean) per channel."""
+    for a, b in slabs:
+        y = compute(a, b)
+        if moments is not None:
+            moments.append(_moments(y))
+        if out is None or (a == 0 and out.dtype != y.dtype):
+            out = torch.empty((*y.shape[:2], slabs[-1][1], *y.shape[3:]), dtype=y.dtype, device=y.device,
+                              memory_format=_format(y))
+        out[:, :, a:b] = y
+    return out
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def _grow(window, halo: int, shape) -> tuple:
