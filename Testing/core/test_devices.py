@@ -192,3 +192,23 @@ def test_cpu_bf16_session_agrees_with_fp32():
         assert lb.dtype == np.float32 and la.size > 1000
         assert not np.array_equal(la, lb)  # bf16 really ran: the logits are not fp32's bit for bit
         assert np.corrcoef(la.ravel(), lb.ravel())[0, 1] > 0.99
+
+
+def test_keep_freed_memory_in_a_process_of_its_own():
+    """glibc's mallopt applies (Linux); elsewhere nothing changes and it says so. In a child process: it
+    changes malloc for the whole process."""
+    import subprocess
+    import sys
+
+    code = ("from ENSAMSegmentLib.core import devices; import torch; ok = devices.keep_freed_memory(); "
+            "x = [torch.ones(2**24) for _ in range(3)]; del x; y = torch.ones(2**24); print(ok, float(y.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    applied, total = out.stdout.split()
+    assert applied == str(sys.platform.startswith("linux") and _glibc()) and float(total) == 2**24
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

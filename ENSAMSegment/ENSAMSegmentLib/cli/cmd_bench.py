@@ -4,7 +4,9 @@ On a synthetic CT phantom (default 128 x 256 x 256) with a box of 1/8 of the vol
 and 3 clicks inside it: median and p95, after warm-up, of the encoder pass (a new image each repeat),
 the first box, a click with the embedding cached, the merge; peak memory; and Grow from seeds
 (vtkImageGrowCutSegment from slicer-core) from the same prompts, timed as the Segment Editor runs it:
-its first computation, then an update after one more seed with the same filter reused.
+its first computation, then an update after one more seed with the same filter reused; the CPU time
+(user, kernel, page faults) of the ENSAM part and the CPU's instruction set (ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2 emulate an AVX2-only CPU on a newer one).
 Without a model file an untrained model of the default architecture is used (a click's time depends
 a little on the weights: its decoding window grows when the mask changes at the window's faces).
 Details: ENSAMSegmentLib/evaluation/benchmark.py.
@@ -39,6 +41,8 @@ def register(subparsers) -> None:
     add_click_window_argument(parser)
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the untimed pass comparing windowed clicks with clicks decoded over the box region")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave malloc as it is (default: keep freed memory for reuse, as the inference worker does)")
     parser.set_defaults(func=run)
 
 
@@ -56,7 +60,7 @@ def run(args) -> int:
         report = run_benchmark(parse_shape(args.shape), args.device, args.repeats, args.warmup,
                                args.checkpoint, growcut=not args.no_growcut, progress=progress,
                                precision=args.precision, click_window=args.click_window,
-                               agreement=not args.no_agreement)
+                               agreement=not args.no_agreement, tune_malloc=not args.system_malloc)
     except (BenchmarkError, SessionError, GrowCutError) as error:
         raise UserError(str(error)) from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))
