@@ -97,6 +97,71 @@ def run_ablation(
     return losses
 
 
+TOY_SHAPE = (16, 32, 32)
+TOY_MODEL = dict(init_filters=8, mlp_hidden=256)
+
+
+def two_spheres(rng: np.random.Generator, shape=TOY_SHAPE):
+    """(image [1,1,D,H,W], target [1,1,D,H,W], box of the target, the other sphere [D,H,W] bool): two
+    identical bright spheres of radius 4.5, apart in y/x; the target is one of them at random."""
+    z, y, x = np.indices(shape)
+    while True:
+        centres = [(rng.integers(6, shape[0] - 6), rng.integers(6, shape[1] - 6), rng.integers(6, shape[2] - 6))
+                   for _ in range(2)]
+        if max(abs(centres[0][1] - centres[1][1]), abs(centres[0][2] - centres[1][2])) > 12:
+            break
+    balls = [(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 4.5**2 for c in centres]
+    image = 0.2 + 0.6 * (balls[0] | balls[1]) + 0.05 * rng.standard_normal(shape)
+    k = int(rng.integers(2))
+    idx = np.argwhere(balls[k])
+    box = (tuple(int(v) for v in idx.min(0)), tuple(int(v) for v in idx.max(0)))
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)[None, None]  # noqa: E731
+    return as_tensor(image), as_tensor(balls[k]), box, balls[1 - k]
+
+
+def prompt_use(model, cases) -> tuple[float, float]:
+    """(mean DSC with the right box, mean share of the other sphere segmented) over `cases`."""
+    from ENSAMSegmentLib.core.metrics import dice
+    from ENSAMSegmentLib.core.network import Prompts
+
+    right, wrong = [], []
+    with torch.no_grad():
+        for image, target, box, other in cases:
+            seg = (model(image, Prompts.from_objects([{"box": box}]))[0, 0] > 0).numpy()
+            right.append(dice(target[0, 0].numpy() > 0, seg))
+            wrong.append((seg & other).sum() / other.sum())
+    return float(np.mean(right)), float(np.mean(wrong))
+
+
+def run_prompt_use(image_alpha: float, scale_lr_factor: float, steps: int = 200, seed: int = 0,
+                   every: int = 25) -> list[dict]:
+    """Train TOY_MODEL on `two_spheres` (one sample per Muon + AdamW step); rows of prompt_use every `every` steps."""
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts, renormalize_weights
+
+    from .loss import segmentation_loss
+    from .optim import make_optimizers
+
+    torch.manual_seed(seed)
+    model = ENSAM(ENSAMConfig(**TOY_MODEL, image_alpha_init=image_alpha))
+    optimizers = make_optimizers(model, scale_lr_factor=scale_lr_factor)
+    rng = np.random.default_rng(seed)
+    held_out = [two_spheres(np.random.default_rng([seed, 1000, i])) for i in range(8)]
+    rows = []
+    for step in range(1, steps + 1):
+        image, target, box, _ = two_spheres(rng)
+        segmentation_loss(model(image, Prompts.from_objects([{"box": box}])), target).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        renormalize_weights(model)
+        if step % every == 0 or step == steps:
+            model.eval()
+            dsc, wrong = prompt_use(model, held_out)
+            model.train()
+            rows.append(dict(step=step, dsc=dsc, other_sphere=wrong))
+    return rows
+
+
 def phantom_sample(shape: tuple[int, int, int], seed: int = 0) -> Sample:
     """A training sample of exactly ``shape`` (multiples of 8): phantom CT, its liver, a box."""
     from ENSAMSegmentLib.core.intensity import to_uint8
@@ -124,8 +189,10 @@ def measure_throughput(
     steps: int = 3,
     model_config: dict | None = None,
     amp: bool = True,
+    grad_clicks: int | None = None,
 ) -> list[dict]:
-    """Per shape: samples/s of the full training step (after one warm-up) and peak memory in MiB."""
+    """Per shape: samples/s of the full training step (after one warm-up) and peak memory in MiB.
+    amp: bf16 autocast where training uses it (step.autocast_for); grad_clicks: see InteractiveStep."""
     from .optim import make_optimizers
     from .step import InteractiveStep
     from .trainer import TrainConfig, build_model, pick_device, renormalize
@@ -134,17 +201,18 @@ def measure_throughput(
     config = TrainConfig(data="", out="", model_config=model_config)
     model = build_model(config, torch_device)
     optimizers = make_optimizers(model)
-    step = InteractiveStep(model, amp=amp)
+    # every interaction step runs (no early end when a click changes nothing): the cost of a full sample
+    step = InteractiveStep(model, amp=amp, grad_clicks=grad_clicks, stop_when_stuck=False)
     results = []
     for shape in shapes:
         sample = phantom_sample(shape)
         if torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(torch_device)
-        times = []
+        times, cpu_times = [], []
         for i in range(steps + 1):
             _sync(torch_device)
-            start = time.perf_counter()
-            loss, _ = step(sample)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss, last_losses = step(sample)
             loss.backward()
             for optimizer in optimizers:
                 optimizer.step()
@@ -153,6 +221,7 @@ def measure_throughput(
             _sync(torch_device)
             if i > 0:  # the first run warms up (allocations, kernel choice)
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
         if torch_device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(torch_device) / 2**20
         else:
@@ -162,8 +231,12 @@ def measure_throughput(
                 shape="x".join(map(str, shape)),
                 voxels=int(np.prod(shape)),
                 device=str(torch_device),
+                amp=amp,
+                grad_clicks=grad_clicks,
+                steps_run=len(last_losses),
                 samples_per_s=1.0 / float(np.mean(times)),
                 seconds_per_sample=float(np.mean(times)),
+                cpu_seconds_per_sample=float(np.mean(cpu_times)),  # all threads; robust to a busy machine
                 peak_memory_mib=peak,
                 peak_memory_kind="cuda allocated" if torch_device.type == "cuda" else "process max RSS",
             )
@@ -180,6 +253,8 @@ def _sync(device: torch.device) -> None:
 def _format_row(r: dict) -> str:
     return (
         f"{r['shape']:>14} {r['voxels']:>10} voxels  {r['samples_per_s']:8.3f} samples/s  "
+        f"{r['cpu_seconds_per_sample']:7.1f} CPU s/sample  "
+        f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']})  "
         f"{r['peak_memory_mib']:9.0f} MiB ({r['peak_memory_kind']})"
     )
 
@@ -207,13 +282,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     a.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
     a.set_defaults(func=_run_ablation_cmd)
+    u = sub.add_parser("prompts", help="does the box decide? two identical spheres, a box on one, per setting")
+    u.add_argument("--steps", type=int, default=200)
+    u.add_argument("--image-alpha", type=float, nargs="+", default=[0.05, 0.3, 0.5])
+    u.add_argument("--scale-lr-factor", type=float, nargs="+", default=[1.0, 10.0])
+    u.add_argument("--out", help="write the results as JSON here")
+    u.set_defaults(func=_run_prompts_cmd)
     t = sub.add_parser("throughput", help="samples/s and peak memory of the training step per patch shape")
     t.add_argument("--shapes", type=_shape, nargs="+", default=[(64, 64, 64), (64, 128, 128)], metavar="D,H,W",
                    help="patch shapes z,y,x, each a multiple of 8 (default: 64,64,64 64,128,128)")
     t.add_argument("--steps", type=int, default=3)
     t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     t.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
-    t.add_argument("--no-amp", dest="amp", action="store_false")
+    t.add_argument("--no-amp", dest="amp", action="store_false", help="float32 (default: bf16 where training uses it)")
+    t.add_argument("--grad-clicks", type=int, help="click steps with gradients per sample (default: all)")
     t.add_argument("--out", help="write the results as JSON here")
     t.set_defaults(func=_run_throughput_cmd)
     return p
@@ -228,8 +310,24 @@ def _run_ablation_cmd(args) -> int:
     return 0
 
 
+def _run_prompts_cmd(args) -> int:
+    results = []
+    for alpha in args.image_alpha:
+        for factor in args.scale_lr_factor:
+            rows = run_prompt_use(alpha, factor, args.steps)
+            decided = next((r["step"] for r in rows if r["dsc"] > 0.85 and r["other_sphere"] < 0.1), None)
+            results.append(dict(image_alpha_init=alpha, scale_lr_factor=factor, decided_at_step=decided, rows=rows))
+            last = rows[-1]
+            print(f"image alpha {alpha:<5} scale lr x{factor:<4}: box decides (DSC > 0.85, other sphere < 10 %) "
+                  f"at step {decided}; after {last['step']}: DSC {last['dsc']:.3f}, other sphere {last['other_sphere']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
 def _run_throughput_cmd(args) -> int:
-    results = measure_throughput(args.shapes, args.device, args.steps, args.model_config, args.amp)
+    results = measure_throughput(args.shapes, args.device, args.steps, args.model_config, args.amp,
+                                 args.grad_clicks)
     for r in results:
         print(_format_row(r))
     if args.out:

@@ -83,12 +83,18 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adamw-lr", type=float, help="initial AdamW learning rate (3e-4)")
     p.add_argument("--accumulation", type=_positive_int, help="samples per optimizer step (4)")
     p.add_argument("--clicks", type=int, help="simulated clicks after the box (5)")
+    p.add_argument("--grad-clicks", type=int, help="click steps per sample that keep gradients, at random "
+                   "(default: all; fewer = cheaper samples, the other clicks still run without gradients)")
+    p.add_argument("--challenge-box-probability", type=float,
+                   help="share of boxes drawn the challenge's way: z range x the middle slice's extent (0.5)")
+    p.add_argument("--scale-lr-factor", type=float, help="learning rate of the nGPT scales = AdamW's x this (10)")
     p.add_argument("--workers", type=int, help="data loader processes (default: min(8, CPUs - 1))")
     p.add_argument("--seed", type=int, help="seed of data order, crops, augmentation, clicks, initial weights (0)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no intensity augmentation")
     p.add_argument("--model-config", type=_json_arg, help="ENSAMConfig fields of a new model, as JSON or a .json file")
     p.add_argument("--position-encoding", choices=("liere", "absolute"), help="positional encoding of a new model")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                   help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     p.add_argument("--stop-after", type=_positive_int, help="stop with a checkpoint after this many optimizer steps")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None)
     p.set_defaults(func=run_train)

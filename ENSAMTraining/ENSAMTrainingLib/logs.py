@@ -16,10 +16,13 @@ from pathlib import Path
 
 TRAIN_FIELDS = ("epoch", "step", "samples", "loss", "lr", "samples_per_s", "time_s")
 STEP_METRICS = 6
+# validation.py's controls: does the model use its prompts?
+CONTROL_FIELDS = ("filled_box_dsc", "wrong_box_dsc", "click_change_fraction", "dsc_gain_per_click")
 VAL_FIELDS = (
     ("epoch", "step", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
     + tuple(f"dsc_{i + 1}" for i in range(STEP_METRICS))
     + tuple(f"nsd_{i + 1}" for i in range(STEP_METRICS))
+    + CONTROL_FIELDS
     + ("cases",)
 )
 
@@ -57,7 +60,7 @@ def read_csv(path: str | Path) -> list[dict]:
 
 def val_row(epoch: int, step: int, val: dict) -> dict:
     """The validation.csv row of a validation result (see validation.validate)."""
-    row = {k: val.get(k) for k in ("dsc_auc", "nsd_auc", "final_dsc", "final_nsd", "cases")}
+    row = {k: val.get(k) for k in ("dsc_auc", "nsd_auc", "final_dsc", "final_nsd", "cases", *CONTROL_FIELDS)}
     row.update(epoch=epoch, step=step)
     for i in range(STEP_METRICS):
         row[f"dsc_{i + 1}"] = val["dsc"][i] if i < len(val["dsc"]) else None

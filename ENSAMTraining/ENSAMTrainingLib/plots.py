@@ -36,7 +36,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
-    """RUN_DIR/loss.png: training loss per step (raw and smoothed) and validation DSC per epoch."""
+    """RUN_DIR/loss.png: training loss per step (raw and smoothed) and, per validation, the final and
+    box-step DSC, final NSD, and the controls: the filled box's DSC and the box step's with a wrong box."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.csv"
     rows = read_csv(metrics) if metrics.is_file() else []
@@ -54,8 +55,14 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path | None
     val = read_csv(val_path) if val_path.is_file() else []
     if val:
         right = ax.twinx()
-        right.plot([r["step"] for r in val], [r["final_dsc"] for r in val], "o-", color="C1", label="val final DSC")
-        right.plot([r["step"] for r in val], [r["final_nsd"] for r in val], "s-", color="C2", label="val final NSD")
+        at = [r["step"] for r in val]
+        right.plot(at, [r["final_dsc"] for r in val], "o-", color="C1", label="val final DSC")
+        right.plot(at, [r["final_nsd"] for r in val], "s-", color="C2", label="val final NSD")
+        right.plot(at, [r.get("dsc_1") for r in val], "^-", color="C3", label="val box-step DSC")
+        if any(r.get("wrong_box_dsc") is not None for r in val):  # controls: prompts used?
+            right.plot(at, [r.get("wrong_box_dsc") for r in val], "v:", color="C4", label="wrong-box DSC")
+        if any(r.get("filled_box_dsc") is not None for r in val):
+            right.plot(at, [r.get("filled_box_dsc") for r in val], "--", color="0.5", label="filled box DSC")
         right.set_ylim(0, 1)
         right.set_ylabel("validation")
         right.legend(loc="upper right")

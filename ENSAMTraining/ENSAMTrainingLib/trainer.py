@@ -55,6 +55,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (
+    CHALLENGE_BOX_PROBABILITY,
     DEFAULT_VOXEL_BUDGET,
     NO_BOX_PROBABILITY,
     CaseRef,
@@ -71,7 +72,7 @@ from .data import (
     write_case_list,
 )
 from .logs import TRAIN_FIELDS, VAL_FIELDS, CsvLog, TensorBoard, val_row
-from .optim import make_optimizers, set_epoch_lr
+from .optim import SCALE_LR_FACTOR, make_optimizers, set_epoch_lr
 from .plots import plot_run
 from .progress import ProgressStream
 from .step import CLICKS, InteractiveStep
@@ -112,14 +113,17 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     no_box_probability: float = NO_BOX_PROBABILITY
-    model_config: dict | None = None  # ENSAMConfig fields for a new model
-    amp: bool = True  # bf16 autocast on CUDA
-    stop_after: int | None = None  # stop (with a checkpoint) after this many optimizer steps in total
+    challenge_box_probability: float = CHALLENGE_BOX_PROBABILITY
+    grad_clicks: int | None = None  # click steps with gradients per sample (None: all; step.InteractiveStep)
+    scale_lr_factor: float = SCALE_LR_FACTOR  # nGPT scales' lr = adamw_lr x this (optim.make_optimizers)
     synthetic: str | None = None  # folder of label maps: images synthesised from them (synth.py)
     synth_probability: float = 0.0  # chance that a real training sample's image is synthesised instead
     procedural: int = 0  # procedural scenes added to each epoch (data.procedural_cases)
-    progress_bar: bool = True
     repeat: int = 1  # each real case and label map is visited this many times an epoch
+    model_config: dict | None = None  # ENSAMConfig fields for a new model
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (step.autocast_for)
+    stop_after: int | None = None  # stop (with a checkpoint) after this many optimizer steps in total
+    progress_bar: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,9 +285,10 @@ class Trainer:
         if self.state is None:
             renormalize(self.model)
         self.optimizers = make_optimizers(
-            self.model, config.optimizer, config.muon_lr, config.adamw_lr, weight_decay=config.weight_decay
+            self.model, config.optimizer, config.muon_lr, config.adamw_lr, weight_decay=config.weight_decay,
+            scale_lr_factor=config.scale_lr_factor
         )
-        self.step_module = InteractiveStep(self.model, config.clicks, config.amp)
+        self.step_module = InteractiveStep(self.model, config.clicks, config.amp, config.grad_clicks)
         self.ddp = None
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -291,7 +296,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.step_module, device_ids=ids, find_unused_parameters=True)
         self.dataset = TrainingDataset(
-            self.train_cases, config.seed, config.voxel_budget, config.augment, config.no_box_probability
+            self.train_cases, config.seed, config.voxel_budget, config.augment, config.no_box_probability,
+            config.challenge_box_probability
         )
 
     def _restore(self, state: dict) -> None:

@@ -1,11 +1,22 @@
-"""Validation during training: the challenge's box + 5 clicks protocol on held-out cases, small.
+"""Validation during training: the challenge's box + 5 clicks protocol on held-out cases, small,
+plus the controls that show whether the prompts are used at all.
 
 Each held-out case gives one object (chosen with a fixed seed, so every epoch sees the same
-objects), cropped and pooled exactly as training samples are but without augmentation and
-with the tight ground-truth box. The model then runs the interaction of step.py with the
-challenge evaluator's click rule (rng None) and each step is scored with the challenge's
-metrics (metrics.case_metrics: DSC, NSD at 2 mm with the crop's spacing) on the crop before
-padding. Cases that cannot be loaded are left out and counted.
+objects), cropped and pooled exactly as training samples are but without augmentation and with
+the challenge's tight box (z range x the middle slice's extent). The model then runs the
+interaction of step.py with the challenge evaluator's click rule (rng None) and each step is
+scored with the challenge's metrics (metrics.case_metrics: DSC, NSD at 2 mm with the crop's
+spacing) on the crop before padding. Cases that cannot be loaded are left out and counted.
+
+Controls (a model that segments "the object in the middle of the crop" and ignores its prompts
+scores well on the protocol alone, since crops are centred on the object):
+
+- ``filled_box_dsc``: the DSC of the box itself, filled. The box step must beat it.
+- ``wrong_box_dsc``: the box step given another object's box in the same crop (or, when the crop
+  holds no usable other object, the true box moved off the object), scored against the true
+  object: it must collapse when the box is used.
+- ``click_change_fraction``: the share of click steps that changed the mask at all.
+- ``dsc_gain_per_click``: (DSC after the last click - DSC of the box step) / clicks.
 """
 
 from __future__ import annotations
@@ -14,21 +25,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DEFAULT_VOXEL_BUDGET, CaseError, CaseRef, load_case, make_sample
-from .step import CLICKS, autocast_for, interact
+from .data import DEFAULT_VOXEL_BUDGET, CaseError, CaseRef, bounding_box, load_case, majority_pool, make_sample
+from .step import CLICKS, autocast_for, interact, prompts_for
 
 VAL_SEED_OFFSET = 99_991
+WRONG_BOX_MAX_OVERLAP = 0.1  # a wrong box may hold at most this share of the true object
 
 
-def case_steps(model: nn.Module, sample, clicks: int = CLICKS, amp: bool = True) -> tuple[list[float], list[float]]:
-    """Per-step (DSC, NSD) lists of one sample; a run that ends early (no error left) repeats its last values."""
+def case_steps(model: nn.Module, sample, clicks: int = CLICKS, amp: bool = True) -> dict:
+    """Per-step DSC and NSD lists of one sample (a run that ends early, no error left, repeats its last
+    values) and how many click steps changed the mask."""
     from ENSAMSegmentLib.core.metrics import case_metrics
 
     device = next(model.parameters()).device
     gt = sample.target[0, 0].numpy() > 0.5
     crop = tuple(slice(0, s) for s in sample.shape)
     gts = gt[crop].astype(np.uint8)
-    dscs, nsds = [], []
+    dscs, nsds, changed, previous = [], [], [], None
     with torch.no_grad(), autocast_for(device, amp):
         embedding = model.encode(sample.image.to(device))
         for logits in interact(model, embedding, gt, sample.box, clicks, rng=None):
@@ -36,10 +49,67 @@ def case_steps(model: nn.Module, sample, clicks: int = CLICKS, amp: bool = True)
             dsc, nsd = case_metrics(gts, seg, sample.spacing)
             dscs.append(dsc)
             nsds.append(nsd)
+            if previous is not None:
+                changed.append(bool((seg != previous).any()))
+            previous = seg
     steps = clicks + 1
     dscs += dscs[-1:] * (steps - len(dscs))
     nsds += nsds[-1:] * (steps - len(nsds))
-    return dscs, nsds
+    return dict(dsc=dscs, nsd=nsds, changed=changed)
+
+
+def box_dsc(model: nn.Module, sample, box, amp: bool = True) -> float:
+    """DSC of the box step alone with `box` (inclusive corners on the sample's grid)."""
+    from ENSAMSegmentLib.core.metrics import dice
+
+    device = next(model.parameters()).device
+    crop = tuple(slice(0, s) for s in sample.shape)
+    with torch.no_grad(), autocast_for(device, amp):
+        logits = model(sample.image.to(device), prompts_for(box, [], [], device))
+    seg = (logits[0, 0] > 0).cpu().numpy()[crop]
+    return float(dice(sample.target[0, 0].numpy()[crop] > 0.5, seg))
+
+
+def filled_box(shape, box) -> np.ndarray:
+    (z0, y0, x0), (z1, y1, x1) = box
+    mask = np.zeros(shape, dtype=bool)
+    mask[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1] = True
+    return mask
+
+
+def wrong_box(case, sample):
+    """Another object's tight box in the sample's crop (the largest one holding at most 10 % of the true
+    object), else the true box moved off the object along the axis with the most room; None when
+    neither fits."""
+    gt = sample.target[0, 0].numpy()[tuple(slice(0, s) for s in sample.shape)] > 0.5
+    labels = case.labels[sample.crop]
+    best, best_size = None, 0
+    for value in np.unique(labels):
+        if value in (0, sample.label):
+            continue
+        mask = majority_pool(labels == value, sample.factors)[: gt.shape[0], : gt.shape[1], : gt.shape[2]]
+        if mask.sum() <= best_size:
+            continue
+        lo, hi = bounding_box(mask)
+        box = tuple(int(v) for v in lo), tuple(int(v) - 1 for v in hi)
+        if (filled_box(gt.shape, box) & gt).sum() <= WRONG_BOX_MAX_OVERLAP * gt.sum():
+            best, best_size = box, int(mask.sum())
+    return best if best is not None else shifted_box(sample.box, gt.shape)
+
+
+def shifted_box(box, shape):
+    """`box` moved past its own extent along the axis (and direction) with the most free room; None if
+    it fits nowhere."""
+    lo, hi = np.array(box[0]), np.array(box[1])
+    size = hi - lo + 1
+    room = [(lo[a], a, -1) for a in range(3)] + [(shape[a] - 1 - hi[a], a, 1) for a in range(3)]
+    free, axis, direction = max(room)
+    if free < size[axis]:
+        return None
+    lo, hi = lo.copy(), hi.copy()
+    lo[axis] += direction * size[axis]
+    hi[axis] += direction * size[axis]
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
 def validate(
@@ -50,12 +120,14 @@ def validate(
     clicks: int = CLICKS,
     amp: bool = True,
 ) -> dict | None:
-    """Mean challenge metrics over ``cases``: dsc_auc, nsd_auc, final_dsc, final_nsd, dsc, nsd, cases, skipped.
+    """Mean challenge metrics over ``cases``: dsc_auc, nsd_auc, final_dsc, final_nsd, dsc, nsd, cases,
+    skipped, and the controls (module docstring): filled_box_dsc, wrong_box_dsc (None when no case
+    has a wrong box), click_change_fraction, dsc_gain_per_click.
 
     AUCs follow the challenge (steps 2..6, so at most 4.0) and are None unless clicks == 5.
     Returns None when no case could be used.
     """
-    from ENSAMSegmentLib.core.metrics import auc_over_steps
+    from ENSAMSegmentLib.core.metrics import dice
 
     was_training = model.training
     model.eval()
@@ -68,14 +140,29 @@ def validate(
                 skipped += 1
                 continue
             rng = np.random.default_rng([seed, VAL_SEED_OFFSET, index])
-            sample = make_sample(case, rng, voxel_budget, augment=False, no_box_probability=0.0, box_offset=False)
-            per_case.append(case_steps(model, sample, clicks, amp))
+            sample = make_sample(case, rng, voxel_budget, augment=False, no_box_probability=0.0, box_offset=False,
+                                 challenge_box_probability=1.0)
+            result = case_steps(model, sample, clicks, amp)
+            gt = sample.target[0, 0].numpy()[tuple(slice(0, s) for s in sample.shape)] > 0.5
+            result["filled_box"] = float(dice(gt, filled_box(gt.shape, sample.box)))
+            other = wrong_box(case, sample)
+            result["wrong_box"] = None if other is None else box_dsc(model, sample, other, amp)
+            per_case.append(result)
     finally:
         model.train(was_training)
     if not per_case:
         return None
-    dsc = np.mean([d for d, _ in per_case], axis=0)
-    nsd = np.mean([n for _, n in per_case], axis=0)
+    return summarize(per_case, clicks, skipped)
+
+
+def summarize(per_case: list[dict], clicks: int, skipped: int = 0) -> dict:
+    """The mean metrics of `validate` from per-case results of `case_steps` + filled_box + wrong_box."""
+    from ENSAMSegmentLib.core.metrics import auc_over_steps
+
+    dsc = np.mean([r["dsc"] for r in per_case], axis=0)
+    nsd = np.mean([r["nsd"] for r in per_case], axis=0)
+    changed = [c for r in per_case for c in r["changed"]]
+    wrong = [r["wrong_box"] for r in per_case if r["wrong_box"] is not None]
     with_auc = clicks == 5
     return dict(
         dsc_auc=auc_over_steps(dsc) if with_auc else None,
@@ -84,6 +171,10 @@ def validate(
         final_nsd=float(nsd[-1]),
         dsc=[float(v) for v in dsc],
         nsd=[float(v) for v in nsd],
+        filled_box_dsc=float(np.mean([r["filled_box"] for r in per_case])),
+        wrong_box_dsc=float(np.mean(wrong)) if wrong else None,
+        click_change_fraction=float(np.mean(changed)) if changed else None,
+        dsc_gain_per_click=float((dsc[-1] - dsc[0]) / clicks) if clicks else None,
         cases=len(per_case),
         skipped=skipped,
     )

@@ -14,7 +14,7 @@ it through the skip connections at 1, 1/2 and 1/4.
 
 Size (the paper: 5.5 M parameters, "368 G FLOPs" at a 4,194,304-voxel patch). The default config,
 init_filters 16 (widths 16/32/64/128), blocks_down (1, 2, 2, 4), bottleneck/token width 128, 4 heads
-of 32, MLP width 512, 2 interaction layers, has 5,576,825 parameters (+1.4 %) and, for one object
+of 32, MLP width 512, 2 interaction layers, has 5,576,745 parameters (+1.4 %) and, for one object
 with a box at 128 x 128 x 256 (encode + decode), 346.2 G MACs (-5.9 %) = 692.3 G FLOPs: the paper's
 number is a MAC count. The encoder alone is 188.4 G MACs and 4.40 M parameters; the decoder 156.5 G
 MACs and 0.46 M; the interaction 0.68 M parameters and under 1 G MACs (complexity.py).
@@ -49,6 +49,8 @@ class ENSAMConfig:
     position_scale: float = 1.0        # position units per bottleneck cell (8 voxels); fixed, not per image
     prev_channels: tuple = (8, 32)     # widths of the prev-logit downsampling convolutions
     region_margin_cells: int = 2       # bottleneck cells decoded around a region (receptive field)
+    alpha_init: float = 0.05           # nGPT eigen learning rate of the token steps (nGPT's init)
+    image_alpha_init: float = 0.3      # ... of the image-update step: the prompts' only way into the image
 
     def __post_init__(self):
         self.blocks_down = tuple(int(b) for b in self.blocks_down)
@@ -126,9 +128,9 @@ class ENSAM(nn.Module):
         super().__init__()
         self.config = cfg = config or ENSAMConfig()
         self.encoder = Encoder(cfg.in_channels, cfg.init_filters, cfg.blocks_down, cfg.norm_groups)
-        self.prompt_encoder = PromptEncoder(cfg.dim, cfg.position_scale, cfg.prev_channels, cfg.norm_groups)
+        self.prompt_encoder = PromptEncoder(cfg.dim, cfg.position_scale, cfg.prev_channels)
         self.interaction = TwoWayInteraction(cfg.dim, cfg.heads, cfg.mlp_hidden, cfg.interaction_layers,
-                                             cfg.position_encoding)
+                                             cfg.position_encoding, cfg.alpha_init, cfg.image_alpha_init)
         self.s_out = Scale(cfg.dim, init=math.sqrt(cfg.dim), scaling=cfg.dim**-0.5)
         self.decoder = Decoder(cfg.init_filters, len(cfg.blocks_down), cfg.norm_groups)
         renormalize_weights(self)

@@ -3,8 +3,8 @@
 A box is two tokens (learned "box-min" and "box-max" embeddings placed at its two inclusive corners),
 a click is one token (learned foreground or background embedding at the click). Objects of a batch
 may have different token counts: shorter ones are padded with label PAD, which attention masks out.
-Previous-step logits are downsampled to the bottleneck grid by three stride-2 convolutions and added
-to the image embeddings.
+Previous-step logits, clamped to +-2, are downsampled to the bottleneck grid by three stride-2
+convolutions and added to the image embeddings.
 """
 
 from __future__ import annotations
@@ -93,33 +93,44 @@ def grid_positions(grid: tuple[int, int, int], scale: float, device=None) -> tor
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3) * scale
 
 
-class PrevLogitEncoder(nn.Module):
-    """Previous logits [N, 1, D, H, W] -> [N, C, D/8, H/8, W/8]: three stride-2 2x2x2 convolutions
-    (each bottleneck cell sees exactly its own 8x8x8 voxels), GroupNorm + ReLU between them."""
+PREV_LOGIT_BOUND = 2.0  # logits fed back are clamped to +-2 (then divided by 2): confident voxels all look alike
 
-    def __init__(self, dim: int, channels=(8, 32), groups: int = 8):
+
+class PrevLogitEncoder(nn.Module):
+    """Previous logits [N, 1, D, H, W] -> [N, C, D/8, H/8, W/8]: the logits clamped to +-2 and scaled to
+    [-1, 1], then three stride-2 2x2x2 convolutions with ReLU between them.
+
+    Local on purpose: each bottleneck cell sees exactly its own 8x8x8 voxels, and nothing depends on
+    statistics over the grid (no GroupNorm/instance norm, which made shifted or rescaled logits, i.e.
+    different masks, give identical features). So features differ wherever the mask differs, and the
+    session may decode a region and fill the logits elsewhere with a constant without changing the
+    features of the cells it decoded. The bound makes the input the mask plus a thin band of
+    uncertainty at its border: confident voxels (|l| >= 2) look alike whatever their logit, so the
+    logits' scale (bf16 rounding, the session's fill constant) does not matter.
+    """
+
+    def __init__(self, dim: int, channels=(8, 32)):
         super().__init__()
         c1, c2 = channels
         self.conv1 = nn.Conv3d(1, c1, 2, stride=2)
-        self.norm1 = nn.GroupNorm(min(groups, c1), c1)
         self.conv2 = nn.Conv3d(c1, c2, 2, stride=2)
-        self.norm2 = nn.GroupNorm(min(groups, c2), c2)
         self.conv3 = nn.Conv3d(c2, dim, 2, stride=2)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm1(self.conv1(logits)))
-        x = F.relu(self.norm2(self.conv2(x)))
+        x = logits.clamp(-PREV_LOGIT_BOUND, PREV_LOGIT_BOUND) / PREV_LOGIT_BOUND
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
         return self.conv3(x)
 
 
 class PromptEncoder(nn.Module):
     """Learned unit-vector embeddings per prompt label (row 0 = padding) and the prev-logit path."""
 
-    def __init__(self, dim: int, position_scale: float, prev_channels=(8, 32), groups: int = 8):
+    def __init__(self, dim: int, position_scale: float, prev_channels=(8, 32)):
         super().__init__()
         self.position_scale = position_scale
         self.embedding = nn.Embedding(N_LABELS, dim)
-        self.prev = PrevLogitEncoder(dim, prev_channels, groups)
+        self.prev = PrevLogitEncoder(dim, prev_channels)
 
     def tokens(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (tokens [N, T, C], positions [N, T, 3], mask [N, T])."""

@@ -1,0 +1,126 @@
+"""Does training make the prompts matter? (issue 11): the box decides, stuck interactions end, labels
+pool without inflating, boxes come in the challenge's shape too, validation reports the controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_BUDGET, TINY_MODEL
+
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+from ENSAMSegmentLib.core.simulation import box_dict_to_3d, challenge_boxes
+from ENSAMTrainingLib.bench import run_prompt_use
+from ENSAMTrainingLib.data import CaseRef, find_cases, majority_pool, max_pool, training_box
+from ENSAMTrainingLib.step import InteractiveStep, interact
+from ENSAMTrainingLib.validation import shifted_box, validate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_box_decides_which_of_two_identical_spheres_is_segmented():
+    # a small model, one toy sample per step: by step 75 the box (not "the bright thing") decides
+    rows = run_prompt_use(image_alpha=0.3, scale_lr_factor=10.0, steps=75, every=75)
+    assert rows[-1]["dsc"] > 0.85, rows  # the boxed sphere is segmented ...
+    assert rows[-1]["other_sphere"] < 0.1, rows  # ... and the identical other one is not
+
+
+def test_nGPT_image_alpha_starts_where_the_config_says():
+    model = ENSAM(ENSAMConfig(**TINY_MODEL, image_alpha_init=0.3, alpha_init=0.05))
+    layer = model.interaction.layers[0]
+    torch.testing.assert_close(layer.alphas[3]().mean(), torch.tensor(0.3))
+    torch.testing.assert_close(layer.alphas[0]().mean(), torch.tensor(0.05))
+
+
+class Frozen(ENSAM):
+    """The real network whose decode returns the same logits whatever the prompts (a model stuck at init)."""
+
+    def decode(self, emb, prompts, prev_logits=None, region=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        out = super().decode(emb, prompts, None, region)
+        return out * 0 + torch.where(torch.arange(out.shape[-1]) < 4, 5.0, -5.0).to(out)
+
+
+def test_an_interaction_that_changes_nothing_ends_after_that_click():
+    model = Frozen(ENSAMConfig(**TINY_MODEL))
+    gt = np.zeros((16, 16, 16), dtype=bool)
+    gt[4:12, 4:12, 4:12] = True
+    image = torch.rand(1, 1, 16, 16, 16)
+    box = ((4, 4, 4), (11, 11, 11))
+    with torch.no_grad():
+        emb = model.encode(image)
+        stuck = list(interact(model, emb, gt, box, clicks=5, rng=np.random.default_rng(0), stop_when_stuck=True))
+        full = list(interact(model, emb, gt, box, clicks=5, rng=np.random.default_rng(0)))
+    assert len(stuck) == 2  # the box step, and the first click, which changed nothing
+    assert len(full) == 6  # the evaluator's protocol (validation) still runs every click
+
+
+def test_grad_clicks_keeps_graphs_for_the_box_step_and_that_many_clicks(four_cases):
+    from ENSAMTrainingLib.data import load_case, make_sample
+
+    torch.manual_seed(0)
+    model = ENSAM(ENSAMConfig(**TINY_MODEL))
+    sample = make_sample(load_case(find_cases(four_cases)[0]), np.random.default_rng(0), TINY_BUDGET, augment=False,
+                         no_box_probability=0.0)
+    graded = []
+    original = model.decode
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        graded.append(out.requires_grad)
+        return out
+
+    model.decode = recording
+    loss, per_step = InteractiveStep(model, grad_clicks=2, stop_when_stuck=False)(sample)
+    assert len(per_step) == 6 and graded[0] and sum(graded) == 3
+    loss.backward()
+    assert model.encoder.init_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 3, 3), (3, 1, 2)])
+def test_majority_pooling_keeps_the_object_volume_within_5_percent(factors):
+    z, y, x = np.indices((60, 90, 90))
+    ball = (z - 30) ** 2 / 20**2 + (y - 45) ** 2 / 30**2 + (x - 44) ** 2 / 25**2 < 1
+    volume = ball.sum()
+    pooled = majority_pool(ball, factors).sum() * np.prod(factors)
+    inflated = (max_pool(ball.astype(np.float32), factors) > 0).sum() * np.prod(factors)
+    assert abs(pooled / volume - 1) < 0.05
+    assert inflated / volume > 1.05  # what max pooling did
+
+
+def test_majority_pooling_keeps_a_thin_object_rather_than_losing_it():
+    tube = np.zeros((32, 32, 32), dtype=bool)
+    tube[16, 10:20, 16] = True  # one voxel thick: no pooled cell is half full
+    assert majority_pool(tube, (2, 2, 2)).sum() > 0
+
+
+def test_training_boxes_come_in_both_shapes():
+    mask = np.zeros((20, 30, 30), dtype=bool)
+    z, y, x = np.indices(mask.shape)
+    mask |= (y - 10) ** 2 + (x - 8 - z) ** 2 < 9  # a tube that drifts in x along z: mid-slice box misses most
+    rng = np.random.default_rng(0)
+    challenge = training_box(mask, rng, offset=False, challenge_probability=1.0)
+    assert challenge == box_dict_to_3d(challenge_boxes(mask.astype(np.uint8))[0])
+    tight = training_box(mask, rng, offset=False, challenge_probability=0.0)
+    idx = np.argwhere(mask)
+    assert tight == (tuple(idx.min(0)), tuple(idx.max(0)))
+    kinds = {training_box(mask, np.random.default_rng(i), offset=False) == challenge for i in range(40)}
+    assert kinds == {True, False}
+
+
+def test_shifted_box_moves_off_the_object_or_gives_up():
+    assert shifted_box(((2, 2, 2), (5, 5, 5)), (8, 20, 8)) == ((2, 6, 2), (5, 9, 5))
+    assert shifted_box(((0, 0, 0), (7, 7, 7)), (8, 8, 8)) is None
+
+
+def test_validation_reports_the_prompt_controls(npz_dataset):
+    torch.manual_seed(0)
+    model = ENSAM(ENSAMConfig(**TINY_MODEL))
+    cases = find_cases(npz_dataset)
+    val = validate(model, cases + [CaseRef(npz_dataset / "missing.npz", None, "x", "CT", "npz")],
+                   voxel_budget=TINY_BUDGET * 4)
+    assert val["cases"] == len(cases) and val["skipped"] == 1
+    assert 0 < val["filled_box_dsc"] < 1
+    assert val["wrong_box_dsc"] is not None and 0 <= val["wrong_box_dsc"] <= 1
+    assert 0 <= val["click_change_fraction"] <= 1
+    assert val["dsc_gain_per_click"] == pytest.approx((val["dsc"][-1] - val["dsc"][0]) / 5)
