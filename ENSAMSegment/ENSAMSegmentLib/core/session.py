@@ -59,6 +59,11 @@ A different image removes every object (ids restart at 1); the same image again 
 dtype, spacing, modality, window and a blake2b of all bytes, 0.34 s for a 512x512x300 int16 CT,
 2 ms/MB) keeps everything and does not rerun the encoder.
 
+This file holds the public half (validation, objects, the request queue and its thread);
+session_engine.py what the thread computes; session_types.py the errors and results; session_merge.py
+the merge; session_contract.py the contract this class shares with the worker-process client
+(worker.py, what the Slicer modules use: inside Slicer a Python thread barely runs, see there).
+
 Threads: every model call runs on ONE worker thread owned by the session (cuDNN plans are per
 thread). The public API may be called from any thread: `submit_*` return concurrent.futures.Future;
 the synchronous methods wait for theirs. A prompt request that has not started when a newer prompt
@@ -70,258 +75,37 @@ Bad input raises a `SessionError` subclass before anything changes: the session 
 state exactly. Only a failure inside the encoder itself (e.g. out of memory) leaves it with no image.
 """
 
+
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import math
 import queue
 import threading
-import time
-from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from . import devices
-from .network import Prompts
-from .intensity import CT_WINDOWS, MODALITIES, IntensityError, to_uint8
-from .session_region import (
-    Grid, MaskCrop, Placed, Slices, box_grid, changed_region, decode_region, grid_input, image_logits,
-    intersect, pool_factors, resample, shift, union, whole_grid,
+from .session_engine import SessionEngine, _Image, _Object, _Request
+from .session_merge import boost_box, boost_empty, merge_into  # noqa: F401 (part of this module's API)
+from .session_region import Grid, Slices, image_logits
+from .session_types import (  # noqa: F401 (re-exported: the session's public names live here too)
+    DEFAULT_CLICK_WINDOW, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, TRAINING_VOXEL_BUDGET, VOXEL_BUDGET, ImageReport, ImageTooLargeError, InvalidImageError,
+    InvalidPromptError, ModelLoadError, NoImageError, ObjectPrompts, SegmentationUpdate, SessionClosedError,
+    SessionError, StaleRequest, UnknownObjectError, WorkerCrashedError, check_box, check_image,
+    check_intensity_options, check_size, check_spacing, check_voxel, image_fingerprint,
 )
-from .session_window import block_region, click_window, grow_window, patched_block
-
-TRAINING_VOXEL_BUDGET = 4_194_304
-DEFAULT_CLICK_WINDOW = 32  # voxels either side of a click (session_window.py)
-
-
-# --------------------------------------------------------------------------------- errors
-
-
-class SessionError(Exception):
-    """Base class of every error the session raises on purpose."""
-
-
-class InvalidImageError(SessionError, ValueError):
-    """Not a usable image: not 3-D, empty, non-numeric, NaN/Inf, bad spacing or intensity options."""
-
-
-class InvalidPromptError(SessionError, ValueError):
-    """A box or click that is malformed, outside the image, or an inverted box."""
-
-
-class UnknownObjectError(SessionError, LookupError):
-    """No object with that id (or no object selected)."""
-
-
-class ImageTooLargeError(SessionError, ValueError):
-    """An image too large to hold, or needing more than `max_pool_factor` downsampling."""
-
-
-class NoImageError(SessionError, RuntimeError):
-    """An operation that needs an image before `set_image`."""
-
-
-class StaleRequest(SessionError):
-    """The request's object was removed, or its image replaced, while the request ran."""
-
-
-class SessionClosedError(SessionError, RuntimeError):
-    """The session was closed."""
-
-
-class ModelLoadError(SessionError):
-    """The model file could not be loaded (the message says why)."""
-
-
-# --------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class SegmentationUpdate:
-    """Result of one interaction on one object.
-
-    mask: the object's new boolean mask, full image (z, y, x). changed: 3 slices bounding every voxel
-    whose mask value changed (None: nothing changed). logits_region: the image slices where this step
-    computed logits (None for undo/reset). seconds: worker time of the request; timings: its parts.
-    step: the object's number of steps after the update (0 = empty). decoding: "whole" grid, box
-    "region" or click "window" (see the module docstring).
-    """
-
-    object_id: int
-    mask: np.ndarray
-    changed: Slices | None
-    logits_region: Slices | None
-    seconds: float
-    timings: dict = field(default_factory=dict)
-    step: int = 0
-    decoding: str = ""  # how logits were computed: "whole", "region", "window" ("" for undo/reset)
-    window_growth: int = 0  # times a click's window grew (session_window.py)
-
-
-@dataclass(frozen=True)
-class ImageReport:
-    """What `set_image` did: mode "whole" or "large", the main grid, whether the encoder ran."""
-
-    shape: tuple
-    spacing_zyx: tuple
-    mode: str
-    grid_shape: tuple
-    grid_factor: tuple
-    encoded: bool
-    seconds: float
-    timings: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ObjectPrompts:
-    """An object's prompts in image voxel indices (z, y, x); box corners inclusive."""
-
-    box: tuple | None = None
-    fg: tuple = ()
-    bg: tuple = ()
-
-    def points(self) -> list:
-        return ([] if self.box is None else list(self.box)) + list(self.fg) + list(self.bg)
-
-    def bounds(self) -> tuple[tuple, tuple]:
-        p = np.array(self.points())
-        return tuple(p.min(0).tolist()), tuple(p.max(0).tolist())
-
-    def apply(self, prompt: tuple) -> ObjectPrompts:
-        """("box", lo, hi) starts over with that box; ("click", point, foreground) adds a click."""
-        if prompt[0] == "box":
-            return ObjectPrompts(box=(prompt[1], prompt[2]))
-        _, point, foreground = prompt
-        return replace(self, fg=self.fg + (point,)) if foreground else replace(self, bg=self.bg + (point,))
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One entry of an object's history: prompts, their logits (None: empty object) and mask."""
-
-    prompts: ObjectPrompts = ObjectPrompts()
-    logits: Placed | None = None
-    grid: Grid | None = None
-    fill: float = 0.0  # stand-in logit beyond `logits` when fed back to a larger grid
-    mask: MaskCrop = MaskCrop()
-    norms: dict | None = field(default=None, compare=False)  # decoder statistics clicks reuse (windows)
-
-
-_EMPTY = _Step()
-
-
-@dataclass(eq=False)
-class _Object:
-    id: int
-    history: list = field(default_factory=lambda: [_EMPTY])
-
-    @property
-    def current(self) -> _Step:
-        return self.history[-1]
-
-
-@dataclass(frozen=True)
-class _Image:
-    fingerprint: tuple
-    shape: tuple
-    spacing: tuple
-    volume: np.ndarray  # uint8 (z, y, x), the normalised image
-    mode: str
-    main: Grid
-
-
-@dataclass(eq=False)
-class _Request:
-    kind: str  # image | prompts | undo | reset | labels
-    future: concurrent.futures.Future
-    obj: _Object | None = None
-    prompts: tuple = ()
-    args: tuple = ()
-    generation: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-# --------------------------------------------------------------------------------- validation
-
-
-def check_image(array) -> np.ndarray:
-    """A real-valued, finite, non-empty 3-D array, else InvalidImageError."""
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise InvalidImageError(f"image must be 3-D (z, y, x), got {array.ndim}-D shape {array.shape}")
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InvalidImageError(f"image must be a real numeric array, got dtype {array.dtype}")
-    if array.size == 0:
-        raise InvalidImageError(f"image is empty (shape {array.shape})")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InvalidImageError("image contains NaN or Inf values")
-    return array
-
-
-def check_spacing(spacing) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise InvalidImageError(f"spacing must be 3 numbers (z, y, x), got {spacing!r}") from None
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise InvalidImageError(f"spacing must be 3 positive finite numbers (z, y, x), got {spacing!r}")
-    return values
-
-
-def check_intensity_options(modality, ct_window):
-    """Validate before anything changes (intensity.py would raise later, on the worker)."""
-    modality = str(modality).lower()
-    if modality != "auto" and modality not in MODALITIES:
-        raise InvalidImageError(f"unknown modality {modality!r}; use 'auto' or one of {MODALITIES}")
-    if ct_window is None:
-        return modality, "soft_tissue"
-    if isinstance(ct_window, str):
-        if ct_window not in CT_WINDOWS:
-            raise InvalidImageError(f"unknown CT window {ct_window!r}; use one of {sorted(CT_WINDOWS)} "
-                                    "or (width, level) in HU")
-        return modality, ct_window
-    try:
-        width, level = (float(v) for v in ct_window)
-    except (TypeError, ValueError):
-        raise InvalidImageError(f"CT window must be a name or (width, level), got {ct_window!r}") from None
-    if not (width > 0 and math.isfinite(width) and math.isfinite(level)):
-        raise InvalidImageError(f"CT window width must be > 0 and finite, got {ct_window!r}")
-    return modality, (width, level)
-
-
-def check_voxel(point, shape, what: str) -> tuple[int, int, int]:
-    """A voxel index (z, y, x) inside `shape` (rounded to the nearest voxel), else InvalidPromptError."""
-    try:
-        p = np.asarray(point, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidPromptError(f"{what} must be 3 numbers (z, y, x), got {point!r}") from None
-    if p.shape != (3,) or not np.isfinite(p).all():
-        raise InvalidPromptError(f"{what} must be 3 finite numbers (z, y, x), got {point!r}")
-    index = tuple(int(v) for v in np.rint(p))
-    if any(i < 0 or i >= n for i, n in zip(index, shape)):
-        raise InvalidPromptError(f"{what} {index} (z, y, x) is outside the image of shape {tuple(shape)}")
-    return index
-
-
-def image_fingerprint(array: np.ndarray, spacing, modality, ct_window) -> tuple:
-    """(shape, dtype, spacing, options, blake2b of every byte): 2 ms/MB, exact."""
-    data = np.ascontiguousarray(array)
-    digest = hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
-    return data.shape, data.dtype.str, tuple(spacing), modality, str(ct_window), digest
 
 
 # --------------------------------------------------------------------------------- the session
 
 
-class InferenceSession:
+class InferenceSession(SessionEngine):
     """Interactive ENSAM segmentation of one image (see the module docstring)."""
 
     def __init__(self, model=None, model_path=None, device="auto", *, precision: str = "auto",
-                 voxel_budget: int = 8_388_608, global_voxel_budget: int = TRAINING_VOXEL_BUDGET,
+                 voxel_budget: int = VOXEL_BUDGET, global_voxel_budget: int = TRAINING_VOXEL_BUDGET,
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
-                 max_pool_factor: int = 8, max_image_voxels: int = 2**30, max_undo: int | None = 32,
+                 max_pool_factor: int = MAX_POOL_FACTOR, max_image_voxels: int = MAX_IMAGE_VOXELS, max_undo: int | None = 32,
                  max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int | None = None,
                  click_window_growth: int = 1):
         if max_undo is not None and max_undo < 1:
@@ -469,12 +253,12 @@ class InferenceSession:
         array = check_image(array_zyx)
         spacing = check_spacing(spacing_zyx)
         modality, ct_window = check_intensity_options(modality, ct_window)
-        self._check_size(array.shape)
+        check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
         fingerprint = image_fingerprint(array, spacing, modality, ct_window)
         with self._lock:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:
-                return self._enqueue(_Request("same_image", concurrent.futures.Future()))
+                return self.submit_same_image()
             self._cancel(lambda r: True)  # everything queued concerns the previous image
             self._objects.clear()
             self._next_id, self._selected = 1, None
@@ -485,17 +269,12 @@ class InferenceSession:
             request.generation = self._generation
             return self._enqueue(request)
 
-    def _check_size(self, shape) -> None:
-        voxels = math.prod(shape)
-        if voxels > self.max_image_voxels:
-            raise ImageTooLargeError(f"image of shape {tuple(shape)} has {voxels:,} voxels, more than the "
-                                     f"session's limit of {self.max_image_voxels:,}")
-        factors = pool_factors(shape, self.global_voxel_budget)
-        if max(factors) > self.max_pool_factor:
-            raise ImageTooLargeError(
-                f"image of shape {tuple(shape)} would need downsampling by {factors} (z, y, x) to fit the "
-                f"global view of {self.global_voxel_budget:,} voxels; the limit is {self.max_pool_factor} "
-                "per axis: crop the image first")
+    def submit_same_image(self) -> concurrent.futures.Future:
+        """The image given last, again: nothing is encoded and every object stays (an ImageReport with
+        encoded False; NoImageError if its encoding failed). What submit_image does for an identical image."""
+        with self._lock:
+            self._submitted_shape()
+            return self._enqueue(_Request("same_image", concurrent.futures.Future()))
 
     # ----------------------------------------------------------------------------- prompts
 
@@ -509,12 +288,7 @@ class InferenceSession:
 
     def submit_box(self, kji_min, kji_max, object_id: int | None = None) -> concurrent.futures.Future:
         with self._lock:
-            shape = self._submitted_shape()
-            lo = check_voxel(kji_min, shape, "box corner kji_min")
-            hi = check_voxel(kji_max, shape, "box corner kji_max")
-            if any(a > b for a, b in zip(lo, hi)):
-                raise InvalidPromptError(f"inverted (empty) box: kji_min {lo} > kji_max {hi} on some axis; "
-                                         "corners are inclusive, the smallest box is one voxel")
+            lo, hi = check_box(kji_min, kji_max, self._submitted_shape())
             return self._submit_prompt(object_id, ("box", lo, hi))
 
     def submit_click(self, kji, foreground: bool = True, object_id: int | None = None) -> concurrent.futures.Future:
@@ -580,17 +354,28 @@ class InferenceSession:
 
     # ----------------------------------------------------------------------------- lifecycle
 
-    def close(self) -> None:
-        """Cancel queued requests, finish the running one, stop the worker thread. Idempotent."""
+    def close(self, wait: bool = True) -> None:
+        """Cancel queued requests and stop the worker thread after the running one. Idempotent.
+        wait=False returns at once (the running request finishes unseen, then the thread ends)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._cancel(lambda r: True)
             self._queue.put(None)
-        if threading.current_thread() is not self._worker:
+        if wait and threading.current_thread() is not self._worker:
             self._worker.join()
-        self._cache.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def poll(self) -> None:
+        """Nothing to do: results reach the futures from the worker thread (session_contract.py)."""
+
+    def fileno(self) -> None:
+        """No connection to watch (a WorkerSession returns its socket's)."""
+        return None
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -625,6 +410,7 @@ class InferenceSession:
         while True:
             request = self._queue.get()
             if request is None:
+                self._cache.clear()  # the embeddings go with the thread (also after close(wait=False))
                 return
             with self._lock:
                 if request in self._pending:
@@ -641,257 +427,3 @@ class InferenceSession:
             request.future.set_exception(error)
         else:
             request.future.set_result(result)
-
-    # ----------------------------------------------------------------------------- worker: image
-
-    def _run_image(self, request: _Request) -> ImageReport:
-        array, spacing, modality, ct_window, fingerprint = request.args
-        start = time.perf_counter()
-        try:
-            try:
-                volume = to_uint8(array, modality, ct_window)
-            except IntensityError as error:
-                raise InvalidImageError(str(error)) from None
-            normalised = time.perf_counter()
-            mode = "whole" if pool_factors(volume.shape, self.voxel_budget) == (1, 1, 1) else "large"
-            main = whole_grid(volume.shape, self.voxel_budget if mode == "whole" else self.global_voxel_budget)
-            self._cache.clear()  # free the previous image's embeddings before encoding this one
-            self._embedding(volume, main, main)
-            image = _Image(fingerprint, tuple(volume.shape), spacing, volume, mode, main)
-        except BaseException:
-            with self._lock:
-                self._image = None
-                self._cache.clear()
-                if self._generation == request.generation:
-                    self._submitted = None
-            raise
-        with self._lock:
-            self._image = image
-        end = time.perf_counter()
-        timings = {"queue": start - request.submitted, "normalize": normalised - start,
-                   "encode": end - normalised, "total": end - start}
-        return ImageReport(image.shape, spacing, mode, main.shape, main.factor, True, end - start, timings)
-
-    def _run_same_image(self, request: _Request) -> ImageReport:
-        image = self._require_image()
-        return ImageReport(image.shape, image.spacing, image.mode, image.main.shape, image.main.factor,
-                           False, 0.0, {"queue": time.perf_counter() - request.submitted})
-
-    def _require_image(self) -> _Image:
-        if self._image is None:
-            raise NoImageError("no image: call set_image() first (or the last image failed to encode)")
-        return self._image
-
-    def _embedding(self, volume: np.ndarray, grid: Grid, main: Grid):
-        """The cached embedding of `grid`, else encode it (worker thread only). The main grid's
-        embedding stays; of the other (crop) grids, the `max_cached_regions` last used are kept."""
-        if grid in self._cache:
-            self._cache[grid] = self._cache.pop(grid)  # most recently used last
-            return self._cache[grid]
-        x = devices.prepare_input(grid_input(volume, grid), self.device, self.amp_dtype)
-        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
-            embedding = self.model.encode(x)
-        del x
-        self.encoder_runs += 1
-        if grid != main:
-            crops = [g for g in self._cache if g != main]
-            while crops and len(crops) >= self.max_cached_regions:
-                del self._cache[crops.pop(0)]
-        self._cache[grid] = embedding
-        return embedding
-
-    # ----------------------------------------------------------------------------- worker: prompts
-
-    def _run_prompts(self, request: _Request) -> SegmentationUpdate:
-        start = time.perf_counter()
-        image, current = self._checked_state(request)
-        prompts = current.prompts
-        for prompt in request.prompts:
-            prompts = prompts.apply(prompt)
-        restart = any(p[0] == "box" for p in request.prompts)
-        previous = None if restart or current.logits is None else current
-
-        grid = self._choose_grid(image, prompts, previous)
-        t0 = time.perf_counter()
-        embedding = self._embedding(image.volume, grid, image.main)
-        t1 = time.perf_counter()
-        clicks = [p[1] for p in request.prompts if p[0] == "click"]
-        growth = 0
-        if self._decodes_locally(grid, previous, clicks):
-            region, logits, growth = self._decode_window(embedding, grid, prompts, previous, clicks)
-            norms, decoding = previous.norms, "window"
-        else:
-            region, norms = None, {}
-            if prompts.box is not None:
-                region = decode_region(grid, *prompts.bounds(), self.decode_margin, self.full_decode_fraction)
-            logits = self._decode(embedding, grid, prompts, previous, region, norms)
-            decoding = "whole" if region is None else "region"
-        t2 = time.perf_counter()
-
-        placed = grid.placed(logits, region)
-        extent, values = image_logits(placed, image.shape)
-        mask = MaskCrop.from_region(extent, values > 0)
-        step = _Step(prompts, placed, grid, min(0.0, placed.border_median()), mask, norms)
-        changed = changed_region(current.mask, mask)
-        obj = self._commit(request, image, lambda history: history.append(step))
-        end = time.perf_counter()
-        timings = {"queue": start - request.submitted, "encode": t1 - t0, "decode": t2 - t1,
-                   "postprocess": end - t2, "total": end - start}
-        return SegmentationUpdate(obj.id, mask.full(image.shape), changed, extent, end - start, timings,
-                                  len(obj.history) - 1, decoding, growth)
-
-    def _checked_state(self, request: _Request) -> tuple[_Image, _Step]:
-        with self._lock:
-            image = self._require_image()
-            if request.generation != self._generation or self._objects.get(request.obj.id) is not request.obj:
-                raise StaleRequest(f"object {request.obj.id} was removed or its image replaced")
-            return image, request.obj.current
-
-    def _commit(self, request: _Request, image: _Image, change) -> _Object:
-        obj = request.obj
-        with self._lock:
-            if self._image is not image or self._objects.get(obj.id) is not obj:
-                raise StaleRequest(f"object {obj.id} was removed or its image replaced while it was computed")
-            change(obj.history)
-            if self.max_undo is not None and len(obj.history) - 1 > self.max_undo:
-                del obj.history[1]  # history[0] stays the empty state
-        return obj
-
-    def _choose_grid(self, image: _Image, prompts: ObjectPrompts, previous: _Step | None) -> Grid:
-        """The main grid, or in large mode with a box: the object's crop if it still holds every prompt,
-        else a new crop around the box and clicks."""
-        if image.mode == "whole" or prompts.box is None:
-            return image.main
-        if (previous is not None and previous.grid != image.main
-                and all(previous.grid.contains(p) for p in prompts.points())):
-            return previous.grid
-        return box_grid(image.shape, *prompts.bounds(), self.context_margin, self.voxel_budget)
-
-    def _decode(self, embedding, grid: Grid, prompts: ObjectPrompts, previous: _Step | None,
-                region, norms: dict) -> torch.Tensor:
-        """One decoder call for one object -> float32 CPU logits [1, 1, *region or grid.padded];
-        the decoder's GroupNorm statistics go into `norms` (for later windowed clicks)."""
-        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
-            logits = self.model.decode(embedding, self._prompts(grid, prompts), self._prev_logits(grid, previous),
-                                       region, norms)
-        return logits.float().cpu()
-
-    def _decodes_locally(self, grid: Grid, previous: _Step | None, clicks: list) -> bool:
-        """Clicks added to an object decoded before on this grid: decode a window (session_window.py)."""
-        return bool(self.click_window and clicks and previous is not None and previous.grid == grid
-                    and previous.norms)
-
-    def _decode_window(self, embedding, grid: Grid, prompts: ObjectPrompts, previous: _Step,
-                       clicks: list) -> tuple[Slices, torch.Tensor, int]:
-        """Decode a window around the new clicks, growing it while the change reaches its faces ->
-        (grid region, float32 CPU logits over it: the previous logits with the window written in,
-        times the window grew)."""
-        window = click_window(grid, clicks, self.click_window)
-        half_cells = [math.ceil(self.click_window / f) for f in grid.factor]
-        prev = self._prev_logits(grid, previous)  # [1, 1, *grid.padded]: what the window's logits replace
-        with torch.inference_mode(), devices.autocast(self.device, self.amp_dtype):
-            x, skips = self.model.decoder_inputs(embedding, self._prompts(grid, prompts), prev)
-            for rounds in range(self.click_window_growth + 1):
-                values = self.model.decoder.forward_window(x, skips, window, previous.norms).float().cpu()
-                if rounds == self.click_window_growth:
-                    break
-                grown = grow_window(window, prev[(0, 0, *window)].cpu() > 0, values[0, 0] > 0, grid.padded,
-                                    half_cells, [grid.to_grid(p) for p in clicks])
-                if grown is None:
-                    break
-                window = grown
-        return *patched_block(block_region(grid, previous.logits), prev, window, values), rounds
-
-    def _prompts(self, grid: Grid, prompts: ObjectPrompts) -> Prompts:
-        objects = {"fg": [grid.to_grid(p) for p in prompts.fg], "bg": [grid.to_grid(p) for p in prompts.bg]}
-        if prompts.box is not None:
-            objects["box"] = tuple(grid.to_grid(p) for p in prompts.box)
-        return Prompts.from_objects([objects]).to(self.device)
-
-    def _prev_logits(self, grid: Grid, previous: _Step | None) -> torch.Tensor | None:
-        """The previous step's logits on the whole padded grid (fed back to the network), or None.
-        Same grid: every value, padding included (as in training); another grid: image content only."""
-        if previous is None:
-            return None
-        return resample(previous.logits, grid.origin, grid.factor, grid.padded, previous.fill,
-                        clip=previous.grid != grid).to(self.device)
-
-    # ----------------------------------------------------------------------------- worker: undo, reset
-
-    def _run_undo(self, request: _Request) -> SegmentationUpdate:
-        return self._history_op(request, lambda history: history.pop() if len(history) > 1 else None)
-
-    def _run_reset(self, request: _Request) -> SegmentationUpdate:
-        return self._history_op(request, lambda history: history.append(_EMPTY) if history[-1] is not _EMPTY
-                                else None)
-
-    def _history_op(self, request: _Request, change) -> SegmentationUpdate:
-        start = time.perf_counter()
-        image, before = self._checked_state(request)
-        obj = self._commit(request, image, change)
-        after = obj.current
-        end = time.perf_counter()
-        return SegmentationUpdate(obj.id, after.mask.full(image.shape), changed_region(before.mask, after.mask),
-                                  None, end - start, {"queue": start - request.submitted, "total": end - start},
-                                  len(obj.history) - 1)
-
-    # ----------------------------------------------------------------------------- worker: merge
-
-    def _run_labels(self, request: _Request) -> np.ndarray:
-        with self._lock:
-            image = self._require_image()
-            steps = {oid: obj.current for oid, obj in sorted(self._objects.items()) if obj.current.logits is not None}
-        ids = list(steps) or [0]
-        if max(ids) > np.iinfo(np.uint16).max:
-            raise SessionError(f"object id {max(ids)} does not fit a uint16 labelmap")
-        labels = np.zeros(image.shape, np.uint8 if max(ids) <= 255 else np.uint16)
-        if not steps:
-            return labels
-        logits = {oid: image_logits(step.logits, image.shape) for oid, step in steps.items()}
-        area = None
-        for extent, _ in logits.values():
-            area = union(area, extent)
-        best = merge_into(labels[area], area, logits)
-        empty = [oid for oid in steps if not np.any(labels[area] == oid)]
-        if empty:
-            for oid in empty:
-                logits[oid] = boost_empty(logits[oid], boost_box(steps[oid].prompts), best, area,
-                                          self.empty_object_margin)
-            merge_into(labels[area], area, logits)
-        return labels
-
-
-def merge_into(labels: np.ndarray, area: Slices, logits: dict) -> np.ndarray:
-    """Write object ids into `labels` (the image over `area`): highest logit > 0 wins, ties to the lower
-    id. logits: {id: (extent, float32 values)}. Returns the winning logit per voxel (0 = background)."""
-    best = np.zeros(labels.shape, np.float32)
-    labels[...] = 0
-    for oid, (extent, values) in sorted(logits.items()):
-        where = shift(extent, area)
-        b, lab = best[where], labels[where]
-        win = values > b
-        b[win] = values[win]
-        lab[win] = oid
-    return best
-
-
-def boost_box(prompts: ObjectPrompts) -> Slices | None:
-    """Where an empty object's logits are raised: its box, else its foreground clicks' bounding box."""
-    points = list(prompts.box) if prompts.box is not None else list(prompts.fg)
-    if not points:
-        return None
-    p = np.array(points)
-    return tuple(slice(int(a), int(b) + 1) for a, b in zip(p.min(0), p.max(0)))
-
-
-def boost_empty(object_logits, box: Slices | None, best: np.ndarray, area: Slices, margin: float):
-    """Add to the object's logits inside `box` the smallest constant that makes it win one voxel over
-    `best` (the other objects' winning logits, 0 = threshold), plus `margin`."""
-    extent, values = object_logits
-    inside = None if box is None else intersect(box, extent)
-    if inside is None:
-        return object_logits
-    gap = best[shift(inside, area)] - values[shift(inside, extent)]
-    boosted = values.copy()
-    boosted[shift(inside, extent)] += float(gap.min()) + margin
-    return extent, boosted

@@ -1,25 +1,30 @@
-"""The interactive loop shared by the ENSAMSegment module and the Segment Editor effect "ENSAM".
+"""The interactive loop shared by the ENSAMSegment module, the Segment Editor effect and the web app.
 
-    markups (box ROI, foreground / background point lists)
-        --observers--> PromptController --submit_*--> InferenceSession (its worker thread)
+    markups (box ROI, foreground / background point lists)          promptnodes.py
+        --observers--> PromptController --submit_*--> session       core/session_contract.py
         <--poll()----- futures         --SegmentWriter.write--> the object's segment
 
 No Qt here: the front-ends own a timer that calls `poll()` while `busy` (the controller asks for it
 through the `wake` callback) and refresh their labels from `status` / `timing` in `on_change`.
-Nothing waits on the model in the calling thread, so the GUI never blocks. It runs on the
-slicer-core wheel as well, which is how it is tested (Testing/test_slicer_frontend.py).
+Nothing waits on the model in the calling thread, so the GUI never blocks. It runs on the slicer-core
+wheel as well, which is how it is tested (Testing/test_slicer_frontend.py), with both kinds of session.
 
-Prompt nodes: one ROI ("ENSAM box") and two point lists ("ENSAM foreground" / "ENSAM background",
-`mrml.prompts.add_click_nodes`). A newly *defined* control point is one click (then locked: a
-click cannot be moved, only undone); the ROI is sent when its placement completes and again after
-each move or resize (PointEndInteractionEvent). Events only mark work; `poll()` does it, so the
-many events of one ROI placement collapse into one box.
+Sessions come from a `SessionPool` (core/session_pool.py), one per (volume, model, device): in Slicer
+the application's pool of worker processes (slicerui/sessions.py), shared by the module and the effect;
+elsewhere a private pool of in-process sessions. Changing the volume, model or device releases the
+session and takes another; the image is encoded once per session.
 
 Objects: one session object per segment. `next_object()` starts a new segment; prompts go to the
 selected segment, which is created on the first prompt when there is none. Undo / reset act on
 the current object: the session steps back, the segmentation is restored exactly by the writer's
 undo record of that step (other segments included) when it is the newest one, else the session's
 mask is written; the markups are then redrawn from the object's remaining prompts.
+
+Errors reach the status line and the log, and leave a consistent state: a refused prompt changes
+nothing; a result that cannot be written (e.g. the volume was moved away from the segmentation) leaves
+the segment as it was and forgets the object's prompts (the session drops the object too); a worker
+process that died is replaced and the image encoded again, the segmentation untouched; a model or device
+that cannot be used says so until another is chosen. `cancel()` stops a running encoding.
 """
 
 from __future__ import annotations
@@ -30,48 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from ENSAMSegmentLib.core.geometry import OutsideVolumeError
-from . import prompts as mrml_prompts
-
-# -- the front-ends' shared tables (tested: unique keys, no clash with the Segment Editor) --------
-
-TOOLS = ("box", "foreground", "background")
-# action -> (button label, keyboard shortcut). The same keys in the module and in the effect.
-ACTIONS = {
-    "box": ("Box", "B"),
-    "foreground": ("+ Click", "F"),
-    "background": ("- Click", "G"),
-    "undo": ("Undo", "U"),
-    "reset": ("Reset object", "R"),
-    "next": ("Next object", "N"),
-}
-# Keys the Segment Editor binds while it is shown (qMRMLSegmentEditorWidget::installKeyboardShortcuts),
-# and Ctrl+Z of Slicer's Edit > Undo menu action: the effect's keys must differ from all of them.
-SEGMENT_EDITOR_KEYS = frozenset(
-    [str(d) for d in range(10)] + [f"Shift+{d}" for d in range(10)]
-    + ["Esc", "Space", "Z", "Ctrl+Z", "Y", "Ctrl+Y", "Q", "W", "/", "*", ",", ".", ">", "<"]
+from .actions import (  # noqa: F401 (the front-ends' tables, also importable from here)
+    ACTIONS, DEFAULT_MODEL, DEVICES, PROMPT_NAMES, TOOLS, USER_MODELS_DIR, format_seconds, model_choices,
 )
-DEVICES = ("auto", "cpu", "cuda", "mps")  # = ENSAMSegmentLib.core.devices.DEVICE_NAMES (without torch)
-USER_MODELS_DIR = Path.home() / ".ensam" / "models"  # where ENSAM Training keeps trained models
-DEFAULT_MODEL = Path(__file__).parents[2] / "Resources" / "Models" / "ensam-default.pt"  # = modelfile's
-
-
-def model_choices(user_dir: Path = USER_MODELS_DIR, default: Path = DEFAULT_MODEL) -> list[tuple[str, Path]]:
-    """(label, path) of the selectable models: the shipped default first, then user_dir/*.pt by name."""
-    choices = [("Default (shipped with the extension)", default)]
-    if user_dir.is_dir():
-        choices += [(path.stem, path) for path in sorted(user_dir.glob("*.pt"))]
-    return choices
-
-
-def format_seconds(seconds: float) -> str:
-    """'85 ms' below 10 s is how prompts are reported; '12.3 s' above."""
-    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-# -- the controller ---------------------------------------------------------------------------
+from .promptnodes import PromptNodes, roi_for_box  # noqa: F401
 
 
 @dataclass
@@ -83,9 +50,10 @@ class _Job:
     started: float
     segment_id: str | None = None
     number: int = 0  # submission order
+    note: str = ""  # said in the status line with the result
 
 
-class PromptController:
+class PromptController(PromptNodes):
     """One interactive ENSAM segmentation in a scene (see the module docstring).
 
     scene, app_logic: slicer.mrmlScene and slicer.app.applicationLogic() in the application, or a
@@ -93,18 +61,21 @@ class PromptController:
     on_change(): status, timing, target segment or tool changed. editor_node: the Segment Editor's
     vtkMRMLSegmentEditorNode whose masking / overwrite settings every write follows (None: allow
     overlap, edit everywhere). before_change(): called before every change of the segmentation
-    (the effect passes scriptedEffect.saveStateForUndo).
+    (the effect passes scriptedEffect.saveStateForUndo). pool: where sessions come from (default: a
+    private pool of in-process sessions). prompt_name: the prefix of the prompt nodes' names.
     """
 
     def __init__(self, scene, app_logic, *, wake: Callable[[], None] | None = None,
                  on_change: Callable[[], None] | None = None, editor_node=None,
-                 before_change: Callable[[], object] | None = None, session_factory=None):
+                 before_change: Callable[[], object] | None = None, pool=None, prompt_name: str = "ENSAM"):
+        from ENSAMSegmentLib.core.session_pool import SessionPool
+
         self.scene, self.app_logic = scene, app_logic
         self.wake = wake or (lambda: None)
         self.on_change = on_change or (lambda: None)
         self.editor_node, self.before_change = editor_node, before_change
-        self._session_factory = session_factory or _default_session
-        self._observations: list[tuple[object, int]] = []  # (node, observer tag) on the prompt nodes
+        self.pool = pool if pool is not None else SessionPool()
+        self.prompt_name = prompt_name
         self.model_path: Path | None = None  # None: the default model
         self.device = "auto"
         self.session = None
@@ -115,19 +86,14 @@ class PromptController:
         self._writes: list[tuple[int, int]] = []  # (object id, step) of each writer undo record
         self._objects: dict[str, int] = {}  # segment id -> session object id
         self._jobs: list[_Job] = []
-        self._sent_points: dict[tuple[str, str], int] = {}  # (node id, point id) -> number of its request
         self._submitted = 0  # requests submitted so far
-        self._sent_box: tuple | None = None  # (lo, hi) last sent for the current object
-        self._prompts_dirty = False
-        self.foreground_node = self.background_node = self.roi_node = None
+        self._session_error = ""  # why no session can be made with this model and device
         self.status = "Select a volume, then draw a box."
         self.timing = ""
         self.image_seconds: float | None = None
+        self.device_name = ""  # where the model runs, e.g. "cpu (8 threads, bf16)", once an image is encoded
         self._volume_mtime = None
-        # Place mode ending (ROI finished, Escape) may complete a box and changes the active tool.
-        interaction = app_logic.GetInteractionNode()
-        self._interaction_tag = (interaction, interaction.AddObserver(
-            interaction.InteractionModeChangedEvent, self._on_interaction_mode))
+        self._init_prompt_nodes()
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -136,13 +102,13 @@ class PromptController:
         """True while requests run or prompt events wait for `poll()`."""
         return bool(self._jobs) or self._prompts_dirty
 
-    def object_for_segment(self, segment_id: str) -> int | None:
-        """The session object id behind a segment (None: no ENSAM prompts for it yet)."""
-        return self._objects.get(segment_id)
-
     @property
     def encoding(self) -> bool:
         return any(job.kind == "image" for job in self._jobs)
+
+    def object_for_segment(self, segment_id: str) -> int | None:
+        """The session object id behind a segment (None: no ENSAM prompts for it yet)."""
+        return self._objects.get(segment_id)
 
     def set_model(self, model_path=None, device: str = "auto") -> None:
         """Use another model file (None or '': the default) or device; the image is encoded again."""
@@ -153,31 +119,25 @@ class PromptController:
         if (path, device) == (self.model_path, self.device):
             return
         self.model_path, self.device = path, device
-        self._close_session()
+        self._release_session()
+        self._session_error = ""
         if self.volume_node is not None:
-            volume, self.volume_node = self.volume_node, None
-            self.set_volume(volume)
+            self._clear_prompts()
+            self._encode()
 
     def set_volume(self, volume_node) -> None:
         """Encode this volume (asynchronously); None stops. The same unmodified volume is a no-op."""
-        from .volumes import volume_to_array
-
         if volume_node is self.volume_node and (volume_node is None or not self._volume_modified()):
             return
-        self._objects.clear()
+        self._release_session()
         self._clear_prompts()
         self.volume_node, self.geometry = volume_node, None
         self._set_writer(None)
+        self._session_error = ""
         if volume_node is None:
             self._set_status("Select a volume, then draw a box.")
             return
-        array, self.geometry = volume_to_array(volume_node)
-        self._volume_mtime = volume_node.GetImageData().GetMTime()
-        session = self._session()
-        if session is None:
-            return
-        self._submit("image", lambda: session.submit_image(array, spacing_zyx=self.geometry.spacing_zyx))
-        self._set_status(f"Encoding '{volume_node.GetName()}'...")
+        self._encode()
 
     def set_target(self, segmentation_node, segment_id: str | None) -> None:
         """The segment that receives the next prompts (None: a new segment at the first prompt)."""
@@ -191,72 +151,19 @@ class PromptController:
         if self.segment_id is not None or segment_id is not None:
             self._clear_prompts()  # the markups show the current object's prompts only
         self.segmentation_node, self.segment_id = segmentation_node, segment_id
-        if segment_id is not None and self.session is not None and segment_id in self._objects:
-            self.session.select_object(self._objects[segment_id])
+        object_id = self._objects.get(segment_id) if segment_id is not None else None
+        if object_id is not None and self.session is not None and object_id in self.session.object_ids:
+            self.session.select_object(object_id)
         self.on_change()
 
-    # -- prompt nodes and tools -----------------------------------------------------------------
-
-    def prompt_nodes(self):
-        """(foreground, background, roi) markups nodes, created and observed on first use."""
-        import slicer
-
-        alive = [n is not None and n.GetScene() is self.scene
-                 for n in (self.foreground_node, self.background_node, self.roi_node)]
-        if not all(alive):
-            self._unobserve_prompts()
-            self.foreground_node, self.background_node = mrml_prompts.add_click_nodes(self.scene, "ENSAM")
-            self.roi_node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ENSAM box")
-            self.roi_node.CreateDefaultDisplayNodes()
-            for node in (self.foreground_node, self.background_node, self.roi_node):
-                node.SetSaveWithScene(False)  # prompts are session state, not data
-            events = {self.foreground_node: [slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent],
-                      self.background_node: [slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent],
-                      self.roi_node: [slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                                      slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent]}
-            for node, node_events in events.items():
-                for event in node_events:
-                    self._observations.append((node, node.AddObserver(event, self._on_prompt_event)))
-        return self.foreground_node, self.background_node, self.roi_node
-
-    def start_tool(self, tool: str) -> None:
-        """Enter Slicer's place mode for a box (one ROI) or clicks (persistent) in the right node."""
-        if tool not in TOOLS:
-            raise ValueError(f"unknown tool {tool!r}; use one of {TOOLS}")
-        foreground, background, roi = self.prompt_nodes()
-        node = {"box": roi, "foreground": foreground, "background": background}[tool]
-        if tool == "box":
-            roi.RemoveAllControlPoints()  # a new box: placement starts from two fresh corners
-        selection, interaction = self.app_logic.GetSelectionNode(), self.app_logic.GetInteractionNode()
-        selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
-        selection.SetActivePlaceNodeID(node.GetID())
-        interaction.SetPlaceModePersistence(0 if tool == "box" else 1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
-        self.on_change()
-
-    def stop_tool(self) -> None:
-        interaction = self.app_logic.GetInteractionNode()
-        interaction.SetPlaceModePersistence(0)
-        interaction.SetCurrentInteractionMode(interaction.ViewTransform)
-        self.on_change()
-
-    def active_tool(self) -> str | None:
-        """The tool whose node Slicer is placing into now, else None."""
-        interaction = self.app_logic.GetInteractionNode()
-        if interaction.GetCurrentInteractionMode() != interaction.Place:
-            return None
-        active = self.app_logic.GetSelectionNode().GetActivePlaceNodeID()
-        nodes = {"box": self.roi_node, "foreground": self.foreground_node, "background": self.background_node}
-        return next((tool for tool, node in nodes.items() if node is not None and node.GetID() == active), None)
-
-    def _on_prompt_event(self, caller=None, event=None) -> None:
-        self._prompts_dirty = True
-        self.wake()
-
-    def _on_interaction_mode(self, caller=None, event=None) -> None:
-        if self.roi_node is not None:
-            self._on_prompt_event()
-        self.on_change()
+    def cancel(self) -> None:
+        """Stop a running encoding: its session ends (a worker process is killed). A box or click, or a
+        tool button, encodes the image again."""
+        if self.session is None or not self.encoding:
+            return
+        self.pool.discard(self.session)
+        self._release_session()
+        self._set_status("Encoding cancelled: press Box or a click tool to encode the image again.")
 
     # -- object actions -------------------------------------------------------------------------
 
@@ -285,7 +192,7 @@ class PromptController:
 
     def _object_op(self, kind: str) -> None:
         object_id = self._objects.get(self.segment_id) if self.segment_id else None
-        if object_id is None or self.session is None:
+        if object_id is None or self.session is None or object_id not in self.session.object_ids:
             self._set_status("Nothing to " + kind + ": this segment has no ENSAM prompts yet.")
             return
         method = self.session.submit_undo if kind == "undo" else self.session.submit_reset
@@ -294,14 +201,30 @@ class PromptController:
     # -- the loop -------------------------------------------------------------------------------
 
     def poll(self) -> bool:
-        """Send new prompts, apply finished results. Returns `busy` (call again later while True)."""
+        """Send new prompts, apply finished results. Returns `busy` (call again later while True).
+        Never raises: an unexpected error is logged and shown in the status line."""
+        try:
+            self._poll()
+        except Exception as error:  # a timer slot must not raise: say it, log it, keep going
+            logging.exception("ENSAM: unexpected error")
+            self._set_status(f"ENSAM error: {error} (details in the log).")
+        return self.busy
+
+    def _poll(self) -> None:
+        if self.session is not None:
+            self.session.poll()
         if self._prompts_dirty:
             self._prompts_dirty = False
+            if self.session is None and self.volume_node is not None:
+                self._encode()  # after a cancel: the prompt waits for the encoder, as any prompt does
             self._send_prompts()
         for job in [j for j in self._jobs if j.future.done()]:
-            self._jobs.remove(job)
-            self._finish(job)
-        return self.busy
+            if job in self._jobs:  # a result before it may have replaced the session and its jobs
+                self._jobs.remove(job)
+                self._finish(job)
+        if self.session is not None and self.session.closed:  # ended under us (cancelled by the other front-end)
+            self._release_session()
+            self._set_status("ENSAM stopped: press Box or a click tool to encode the image again.")
 
     def wait(self, timeout: float = 60.0) -> None:
         """Poll until idle (scripts and tests; a GUI uses its timer instead)."""
@@ -312,106 +235,139 @@ class PromptController:
             time.sleep(0.01)
 
     def cleanup(self) -> None:
-        """Stop observing, close the session, remove the private editor node (prompt nodes stay)."""
+        """Stop observing, release the session, remove the private editor node (prompt nodes stay)."""
         self._unobserve_prompts()
-        if self._interaction_tag is not None:
-            node, tag = self._interaction_tag
-            node.RemoveObserver(tag)
-            self._interaction_tag = None
-        self._close_session()
+        self._unobserve_interaction()
+        self._release_session()
         self._set_writer(None)
+
+    # -- internals: sessions --------------------------------------------------------------------
+
+    def _encode(self) -> bool:
+        """Take the volume's session from the pool and submit its image. False (status says why) if none."""
+        from .volumes import MRMLError, volume_to_array
+
+        if self._session_error:
+            self._set_status(f"Cannot start ENSAM: {self._session_error}")
+            return False
+        try:
+            array, self.geometry = volume_to_array(self.volume_node)
+        except MRMLError as error:
+            self._set_status(f"Cannot use '{self.volume_node.GetName()}': {error}")
+            return False
+        self._volume_mtime = self.volume_node.GetImageData().GetMTime()
+        key = (id(self.scene), self.volume_node.GetID())
+        try:
+            self.session = self.pool.acquire(key, self.model_path, self.device)
+        except Exception as error:  # model file or device refused at once: said in the status line
+            logging.exception("ENSAM session could not start")
+            self._session_error = str(error)
+            self._set_status(f"Cannot start ENSAM: {error}")
+            return False
+        session = self.session
+        self._submit("image", lambda: session.submit_image(array, spacing_zyx=self.geometry.spacing_zyx))
+        if self.encoding:
+            self._set_status(f"Encoding '{self.volume_node.GetName()}'...")
+        return True
+
+    def _release_session(self) -> None:
+        if self.session is not None:
+            self.pool.release(self.session)
+        self.session = None
+        self._jobs.clear()
+        self._objects.clear()
+        self._writes.clear()
+
+    def _tool_started(self) -> None:
+        if self.session is None and self.volume_node is not None:
+            self._encode()
+
+    def _worker_lost(self, error) -> None:
+        """The worker process died: a new session encodes the image again; the segments stay as they are."""
+        logging.error("ENSAM: %s", error)
+        self._release_session()
+        self._clear_prompts()
+        if self.volume_node is not None and self._encode():
+            self._set_status(f"The ENSAM worker stopped ({error}). Restarted: encoding the image again; "
+                             "the segmentation is unchanged, prompts start a new object.")
+
+    def _volume_modified(self) -> bool:
+        image = self.volume_node.GetImageData()
+        return image is not None and image.GetMTime() != self._volume_mtime
 
     # -- internals: sending ---------------------------------------------------------------------
 
-    def _send_prompts(self) -> None:
-        if self.geometry is None or self.session is None or self.roi_node is None:
-            return
-        if self._roi_ready():
-            try:
-                lo, hi = mrml_prompts.box_from_roi(self.roi_node, self.geometry)
-            except OutsideVolumeError as error:
-                self._set_status(f"Box ignored: {error}")
-            else:
-                box = (tuple(lo.tolist()), tuple(hi.tolist()))
-                if box != self._sent_box:
-                    self._send("box", lambda oid: self.session.submit_box(*box, object_id=oid))
-                    self._sent_box = box
-        for node, foreground in ((self.foreground_node, True), (self.background_node, False)):
-            for n in range(node.GetNumberOfControlPoints()):
-                point_id = (node.GetID(), node.GetNthControlPointID(n))  # point ids are unique per node only
-                if point_id in self._sent_points or node.GetNthControlPointPositionStatus(n) != node.PositionDefined:
-                    continue
-                self._sent_points[point_id] = self._submitted + 1  # the number _submit will give it
-                node.SetNthControlPointLocked(n, True)
-                world = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(n, world)
-                try:
-                    kji = tuple(self.geometry.ras_to_kji_index(world).tolist())
-                except OutsideVolumeError:
-                    self._set_status("Click outside the volume: ignored.")
-                    continue
-                self._send("click", lambda oid, kji=kji, fg=foreground: self.session.submit_click(kji, fg, object_id=oid))
-
-    def _roi_ready(self) -> bool:
-        """The ROI is placed (all points defined, non-zero size) and Slicer is not placing it now."""
-        roi = self.roi_node
-        defined = roi.GetNumberOfDefinedControlPoints()
-        if defined == 0 or defined != roi.GetNumberOfControlPoints() or self.active_tool() == "box":
-            return False
-        return all(size > 0 for size in roi.GetSize())
-
-    def _send(self, kind: str, submit) -> None:
+    def _send(self, kind: str, submit, note: str = "") -> None:
         """Submit a prompt for the target segment's object, creating segment and object if needed."""
         segment_id = self._target_or_status()
         if segment_id is None:
             return
         object_id = self._objects.get(segment_id)
-        if object_id is None:
+        if object_id is None or object_id not in self.session.object_ids:  # new, or gone with a new image
             object_id = self._objects[segment_id] = self.session.create_object()
-        self._submit(kind, lambda: submit(object_id), segment_id=segment_id)
+        self._submit(kind, lambda: submit(object_id), segment_id=segment_id, note=note)
 
-    def _submit(self, kind: str, submit, segment_id: str | None = None) -> None:
-        from ENSAMSegmentLib.core.session import SessionError
+    def _submit(self, kind: str, submit, segment_id: str | None = None, note: str = "") -> None:
+        from ENSAMSegmentLib.core.session_types import SessionError
 
         try:
             future = submit()
-        except SessionError as error:  # bad prompt or no image: the session is unchanged
+        except SessionError as error:  # bad prompt, no image, session ended: the session is unchanged
+            logging.warning("ENSAM %s refused: %s", kind, error)
             self._set_status(f"{kind.capitalize()} refused: {error}")
             return
         self._submitted += 1
-        self._jobs.append(_Job(kind, future, time.perf_counter(), segment_id, self._submitted))
+        self._jobs.append(_Job(kind, future, time.perf_counter(), segment_id, self._submitted, note))
         self.wake()
         self.on_change()
 
     # -- internals: results ---------------------------------------------------------------------
 
     def _finish(self, job: _Job) -> None:
-        from ENSAMSegmentLib.core.session import StaleRequest
+        from ENSAMSegmentLib.core.session_types import StaleRequest, WorkerCrashedError
 
         if job.future.cancelled():
-            return  # its prompts travel with a newer request of the same object
+            return  # its prompts travel with a newer request of the same object (or the session ended)
         try:
             result = job.future.result()
         except StaleRequest:
             return
+        except WorkerCrashedError as error:
+            self._worker_lost(error)
+            return
         except Exception as error:  # shown to the user; the session keeps its previous state
-            logging.exception("ENSAM %s failed", job.kind)
-            self._set_status(f"{job.kind.capitalize()} failed: {error}")
+            self._request_failed(job, error)
             return
         if job.kind == "image":
             self.image_seconds = result.seconds
             encoded = "encoded" if result.encoded else "already encoded"
             self.timing = f"Image {encoded} in {format_seconds(result.seconds)}."
+            self.device_name = getattr(self.session, "device_name", "")
             self._set_status("Ready: draw a box, or click on the structure.")
             self.wake()  # prompts placed while encoding
             return
         if job.segment_id is None or self.writer is None:
             return
-        self._apply(job, result)
+        try:
+            self._apply(job, result)
+        except Exception as error:  # e.g. SegmentWriteError: the volume moved away from the segmentation
+            self._write_failed(job, result, error)
+            return
         total = time.perf_counter() - job.started
         self.timing = (f"{job.kind.capitalize()}: {format_seconds(total)} "
                        f"(model {format_seconds(result.seconds)}).")
-        self._set_status(f"Object {result.object_id}: step {result.step}.")
+        self._set_status(f"Object {result.object_id}: step {result.step}." + job.note)
+
+    def _request_failed(self, job: _Job, error: Exception) -> None:
+        failure = getattr(self.session, "failure", None)
+        if job.kind == "image" and failure is not None:  # the worker could not load the model or use the device
+            logging.error("ENSAM session could not start: %s", failure)
+            self._session_error = str(failure)
+            self._release_session()
+            self._set_status(f"Cannot start ENSAM: {failure}")
+            return
+        logging.error("ENSAM %s failed: %s", job.kind, error, exc_info=error)
+        self._set_status(f"{job.kind.capitalize()} failed: {error}")
 
     def _apply(self, job: _Job, update) -> None:
         """Write a finished update into its segment (undo: the writer's own record when possible)."""
@@ -419,30 +375,41 @@ class PromptController:
         if segmentation.GetSegment(job.segment_id) is None:
             return  # the user removed the segment meanwhile
         if job.kind == "undo" and self._writes and self._writes[-1] == (update.object_id, update.step + 1):
-            self._writes.pop()
             self.writer.undo()
+            self._writes.pop()
         elif update.changed is not None:
-            self.writer.write(job.segment_id, update.mask, update.changed)
+            self.writer.write(job.segment_id, update.block, update.changed)
             self._writes.append((update.object_id, update.step))
             del self._writes[: max(0, len(self._writes) - self.writer.max_undo)]
         if job.segment_id != self.segment_id:
             return
         if job.kind in ("undo", "reset"):
-            self._redraw_prompts(self.session.object_prompts(update.object_id))
+            self._redraw_prompts(update.prompts)
         elif job.kind == "box":
             self._remove_clicks_before(job.number)  # a box starts the object over: earlier clicks are gone
 
-    def _remove_clicks_before(self, number: int) -> None:
-        """Remove the click markups sent before request `number` (later ones are still to come)."""
-        for node in (self.foreground_node, self.background_node):
-            for point_id, sent in list(self._sent_points.items()):
-                if point_id[0] == node.GetID() and sent < number:
-                    index = node.GetNthControlPointIndexByID(point_id[1])
-                    if index >= 0:
-                        node.RemoveNthControlPoint(index)
-                    del self._sent_points[point_id]
+    def _write_failed(self, job: _Job, update, error: Exception) -> None:
+        """The session stepped on but the segment did not: drop the object on both sides so they agree,
+        and make writer and geometry anew from the scene as it is now."""
+        from .volumes import MRMLError, volume_geometry
 
-    # -- internals: targets, prompts, session ---------------------------------------------------
+        logging.error("ENSAM: the %s result could not be written into segment %s: %s", job.kind, job.segment_id,
+                      error, exc_info=error)
+        object_id = update.object_id
+        if self.session is not None and object_id in self.session.object_ids:
+            self.session.remove_object(object_id)
+        self._objects = {s: o for s, o in self._objects.items() if o != object_id}
+        if job.segment_id == self.segment_id:
+            self._clear_prompts()
+        self._set_writer(None)
+        try:
+            self.geometry = volume_geometry(self.volume_node)
+        except MRMLError:
+            pass
+        self._set_status(f"{job.kind.capitalize()} not written: {error}. The segment is unchanged; its ENSAM "
+                         "prompts were cleared: draw the box again.")
+
+    # -- internals: targets ---------------------------------------------------------------------
 
     def _target_or_status(self) -> str | None:
         """`_ensure_target`, or None with the reason in the status line (e.g. segments on another grid)."""
@@ -451,6 +418,7 @@ class PromptController:
         try:
             return self._ensure_target()
         except MRMLError as error:
+            logging.warning("ENSAM: cannot write into the segmentation: %s", error)
             self._set_status(f"Cannot write into '{self.segmentation_node.GetName()}': {error}")
             return None
 
@@ -479,74 +447,6 @@ class PromptController:
         self.writer = writer
         self._writes.clear()
 
-    def _clear_prompts(self) -> None:
-        """Empty the prompt nodes (not the segments) and forget what was sent."""
-        for node in (self.foreground_node, self.background_node, self.roi_node):
-            if node is not None:
-                node.RemoveAllControlPoints()
-        self._sent_points.clear()
-        self._sent_box = None
-        self._prompts_dirty = False
-
-    def _redraw_prompts(self, prompts) -> None:
-        """Show exactly an object's remaining prompts (after undo / reset); nothing is re-sent."""
-        self._clear_prompts()
-        foreground, background, roi = self.prompt_nodes()
-        for node, points in ((foreground, prompts.fg), (background, prompts.bg)):
-            for kji in points:
-                n = node.AddControlPointWorld(*self.geometry.kji_to_ras(kji).tolist())
-                node.SetNthControlPointLocked(n, True)
-                self._sent_points[(node.GetID(), node.GetNthControlPointID(n))] = 0
-        if prompts.box is not None:
-            center, size, axes = roi_for_box(self.geometry, *prompts.box)
-            mrml_prompts.set_roi(roi, center, size, axes)
-            self._sent_box = tuple(tuple(int(v) for v in corner) for corner in prompts.box)
-        self._prompts_dirty = False
-
-    def _session(self):
-        if self.session is None:
-            try:
-                self.session = self._session_factory(self.model_path, self.device)
-            except Exception as error:  # model file or device problem: said in the status line
-                logging.exception("ENSAM session could not start")
-                self._set_status(f"Cannot start ENSAM: {error}")
-                return None
-        return self.session
-
-    def _close_session(self) -> None:
-        if self.session is not None:
-            self.session.close()
-        self.session = None
-        self._jobs.clear()
-        self._objects.clear()
-
-    def _volume_modified(self) -> bool:
-        image = self.volume_node.GetImageData()
-        return image is not None and image.GetMTime() != self._volume_mtime
-
-    def _unobserve_prompts(self) -> None:
-        for node, tag in self._observations:
-            node.RemoveObserver(tag)
-        self._observations.clear()
-
     def _set_status(self, text: str) -> None:
         self.status = text
         self.on_change()
-
-
-def roi_for_box(geometry, kji_min, kji_max):
-    """(centre RAS, size along the ROI axes, 3x3 axes) of the ROI covering exactly an inclusive voxel
-    box: the box's outer voxel faces, axes along the volume's i, j, k directions (right-handed)."""
-    lo, hi = np.asarray(kji_min, dtype=np.float64), np.asarray(kji_max, dtype=np.float64)
-    center = geometry.kji_to_ras((lo + hi) / 2).reshape(3)
-    size = (hi - lo + 1)[::-1] * np.asarray(geometry.spacing_xyz)
-    axes = np.array(geometry.direction_ras, dtype=np.float64)
-    if np.linalg.det(axes) < 0:
-        axes[:, 2] *= -1  # the box is symmetric about its centre: flipping k keeps it, and the ROI right-handed
-    return center, size, axes
-
-
-def _default_session(model_path, device):
-    from ENSAMSegmentLib.core.session import InferenceSession
-
-    return InferenceSession(model_path=model_path, device=device)

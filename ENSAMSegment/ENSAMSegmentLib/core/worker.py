@@ -1,0 +1,498 @@
+"""`WorkerSession`: the InferenceSession contract with the model in a child process. What Slicer uses.
+
+Why a process: PythonQt in Slicer is built without thread support, so Slicer's main thread keeps the
+GIL while it idles in the Qt event loop, and a Python thread in Slicer runs only when the main thread
+happens to let go (in the ENSAM module: at its poll ticks). Measured with the real InferenceSession in a
+simulation of that (a 96x160x160 image): box 9.8 s -> 14.9 s, second click 1.7 s -> 9.0 s. A child
+process has its own interpreter: the model, the image and its embeddings live there (worker_main.py),
+the prompts go in and only the changed block of each object's mask comes back (worker_wire.py).
+
+    session = WorkerSession(model_path, device="auto")    # starts `python-real -m ...worker_main`, returns at once
+    future = session.submit_image(array, spacing_zyx)     # validated here, exactly as in-process
+    oid = session.create_object()
+    future = session.submit_box(lo, hi, object_id=oid)
+    session.poll()                                        # the GUI's timer: replies -> futures (never blocks long)
+    update = future.result()                              # .changed, .block, .mask, .prompts as in-process
+    session.close()                                       # never waits for a running request
+
+The contract (session_contract.py) is InferenceSession's: the same validation and errors at submission
+(this class runs the same checks of session_types.py), the same object ids and selection rules, the
+same futures (a request the worker's session cancels arrives cancelled here), the same results. What
+differs is where results come from: `poll()` reads them from the socket, and the synchronous methods
+call it while they wait. Object masks are kept here as crops, patched with each reply's block.
+
+When the worker dies (killed, out of memory, a crash in torch) every request in flight fails with
+`WorkerCrashedError`, whose message names the exit (signal or code) and the last line of the worker's
+log, and the session is closed: the front-end starts a new one (the image is encoded again) and writes
+nothing (promptcontroller.py). A model or device that cannot be used fails every request with the
+worker's `ModelLoadError` / `SessionError` instead. The worker ends with its parent: its reader exits the
+process when the connection closes; `close()` kills it when it does not exit at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import worker_wire as wire
+from .interpreter import child_environment, new_group_options, python_interpreter
+from .session_masks import MaskCrop
+from .session_types import (
+    MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, TRAINING_VOXEL_BUDGET, ImageReport, ModelLoadError, NoImageError, ObjectPrompts,
+    SegmentationUpdate, SessionClosedError, SessionError, UnknownObjectError, WorkerCrashedError, check_box,
+    check_image, check_intensity_options, check_size, check_spacing, check_voxel, image_fingerprint,
+)
+
+WORKER_MODULE = "ENSAMSegmentLib.core.worker_main"
+CLOSE_GRACE_S = 0.2  # close(): how long an idle worker may take to exit before it is killed
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every open WorkerSession (killed at interpreter exit)
+
+
+@dataclass(eq=False)
+class _ObjectState:
+    """The client's copy of one object: its prompts and mask after its last completed step."""
+
+    prompts: ObjectPrompts = ObjectPrompts()
+    crop: MaskCrop = MaskCrop()
+    step: int = 0
+
+
+@dataclass(eq=False)
+class _Pending:
+    kind: str
+    future: concurrent.futures.Future
+    state: _ObjectState | None = None
+    object_id: int | None = None
+    sent: float = field(default_factory=time.perf_counter)
+
+
+class WorkerSession:
+    """InferenceSession's contract, the model in a child process (see the module docstring).
+
+    model_path: a model file (None: the default model). device: auto | cpu | cuda | mps. python: the
+    interpreter (default: interpreter.python_interpreter(), python-real inside Slicer). options: the
+    InferenceSession keyword options (voxel_budget, click_window, ...; JSON values), plus torch_threads.
+    """
+
+    def __init__(self, model_path=None, device: str = "auto", *, python: str | None = None,
+                 env: dict | None = None, **options):
+        self.model_path = None if model_path is None or str(model_path) in ("", ".") else str(model_path)
+        if self.model_path is not None and not Path(self.model_path).is_file():  # said now, not in a few seconds
+            raise ModelLoadError(f"model file {self.model_path}: no such file")
+        self.device = device
+        self.options = dict(options)
+        self.max_image_voxels = int(options.get("max_image_voxels", MAX_IMAGE_VOXELS))
+        self.global_voxel_budget = int(options.get("global_voxel_budget", TRAINING_VOXEL_BUDGET))
+        self.max_pool_factor = int(options.get("max_pool_factor", MAX_POOL_FACTOR))
+        self.device_name = ""  # known once the worker is ready
+        self.model_info: dict | None = None
+        self.ready = False
+        self.failure: Exception | None = None  # why the session ended (crash, model or device error)
+        self.mode: str | None = None
+
+        self._lock = threading.RLock()
+        self._conn = None
+        self._outbox: list = []  # messages sent before the worker connected
+        self._pending: dict[int, _Pending] = {}
+        self._next_request = 1
+        self._objects: dict[int, _ObjectState] = {}
+        self._next_id, self._selected = 1, None
+        self._submitted: tuple | None = None  # (fingerprint, shape) of the newest image
+        self._closed = False
+
+        self._key = wire.new_key()
+        self._server = wire.listen()
+        self._log_dir = Path(tempfile.mkdtemp(prefix="ensam-worker-"))
+        self.log_path = self._log_dir / "worker.log"
+        worker_options = {"model_path": self.model_path, "device": device, **self.options}
+        argv = [python or python_interpreter(), "-m", WORKER_MODULE, "--port", str(self._server.getsockname()[1]),
+                "--options", json.dumps(worker_options)]
+        try:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                                env=child_environment(env), **new_group_options())
+            self.process.stdin.write(self._key.hex().encode() + b"\n")
+            self.process.stdin.close()
+        except OSError as error:
+            self._server.close()
+            raise SessionError(f"cannot start the ENSAM worker process ({argv[0]}): {error}") from None
+        _LIVE.add(self)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self.process.poll() is None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight."""
+        return bool(self._pending)
+
+    @property
+    def object_ids(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(self._objects)
+
+    @property
+    def selected_object(self) -> int | None:
+        return self._selected
+
+    @property
+    def image_shape(self) -> tuple | None:
+        with self._lock:
+            return None if self._submitted is None else self._submitted[1]
+
+    def fileno(self) -> int | None:
+        """The socket's descriptor once the worker is connected (for a socket notifier), else None."""
+        return None if self._conn is None else self._conn.fileno()
+
+    # -- objects (kept here exactly as InferenceSession keeps them) ------------------------------
+
+    def create_object(self) -> int:
+        with self._lock:
+            self._check_open()
+            oid, self._next_id = self._next_id, self._next_id + 1
+            self._objects[oid] = _ObjectState()
+            self._selected = oid
+            self._send({"op": "create", "object": oid})
+            return oid
+
+    def select_object(self, object_id: int) -> None:
+        with self._lock:
+            self._selected = self._object_id(object_id)
+
+    def remove_object(self, object_id: int) -> None:
+        with self._lock:
+            oid = self._object_id(object_id)
+            del self._objects[oid]
+            if self._selected == oid:
+                self._selected = max(self._objects, default=None)
+            self._send({"op": "remove", "object": oid})
+
+    def object_prompts(self, object_id: int | None = None) -> ObjectPrompts:
+        with self._lock:
+            return self._objects[self._object_id(object_id)].prompts
+
+    def object_mask(self, object_id: int | None = None) -> np.ndarray:
+        with self._lock:
+            if self._submitted is None:
+                raise NoImageError("no image: call set_image() first")
+            return self._objects[self._object_id(object_id)].crop.full(self._submitted[1])
+
+    def _object_id(self, object_id) -> int:
+        if object_id is None:
+            if self._selected is None:
+                raise UnknownObjectError("no object selected: call create_object() first")
+            object_id = self._selected
+        if not isinstance(object_id, (int, np.integer)) or int(object_id) not in self._objects:
+            raise UnknownObjectError(f"no object with id {object_id!r} (objects: {list(self._objects)})")
+        return int(object_id)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto",
+                     ct_window=None) -> concurrent.futures.Future:
+        """As InferenceSession.submit_image; a different image goes to the worker (sent at once, or when it
+        connects), the same image again only as a note (no transfer, no encoding, objects kept)."""
+        self._check_open()
+        array = check_image(array_zyx)
+        spacing = check_spacing(spacing_zyx)
+        modality, ct_window = check_intensity_options(modality, ct_window)
+        check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
+        fingerprint = image_fingerprint(array, spacing, modality, ct_window)
+        with self._lock:
+            self._check_open()
+            if self._submitted is not None and self._submitted[0] == fingerprint:
+                return self._request("same_image", {})
+            self._objects.clear()
+            self._next_id, self._selected = 1, None
+            self._submitted = (fingerprint, tuple(array.shape))
+            return self._request("image", {"array": np.ascontiguousarray(array), "spacing": spacing,
+                                           "modality": modality, "ct_window": ct_window})
+
+    def submit_box(self, kji_min, kji_max, object_id: int | None = None) -> concurrent.futures.Future:
+        with self._lock:
+            lo, hi = check_box(kji_min, kji_max, self._submitted_shape())
+            oid = self._object_id(object_id)
+            return self._request("box", {"lo": lo, "hi": hi}, oid)
+
+    def submit_click(self, kji, foreground: bool = True, object_id: int | None = None) -> concurrent.futures.Future:
+        with self._lock:
+            point = check_voxel(kji, self._submitted_shape(), "click")
+            oid = self._object_id(object_id)
+            return self._request("click", {"point": point, "foreground": bool(foreground)}, oid)
+
+    def submit_undo(self, object_id: int | None = None) -> concurrent.futures.Future:
+        with self._lock:
+            self._submitted_shape()
+            return self._request("undo", {}, self._object_id(object_id))
+
+    def submit_reset(self, object_id: int | None = None) -> concurrent.futures.Future:
+        with self._lock:
+            self._submitted_shape()
+            return self._request("reset", {}, self._object_id(object_id))
+
+    def submit_merged_labels(self) -> concurrent.futures.Future:
+        with self._lock:
+            self._submitted_shape()
+            return self._request("labels", {})
+
+    # the synchronous forms (scripts, tests, the benchmark): poll until the reply is there
+
+    def set_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto", ct_window=None) -> ImageReport:
+        return self.wait(self.submit_image(array_zyx, spacing_zyx, modality, ct_window))
+
+    def add_box(self, kji_min, kji_max, object_id: int | None = None) -> SegmentationUpdate:
+        return self.wait(self.submit_box(kji_min, kji_max, object_id))
+
+    def add_click(self, kji, foreground: bool = True, object_id: int | None = None) -> SegmentationUpdate:
+        return self.wait(self.submit_click(kji, foreground, object_id))
+
+    def undo(self, object_id: int | None = None) -> SegmentationUpdate:
+        return self.wait(self.submit_undo(object_id))
+
+    def reset(self, object_id: int | None = None) -> SegmentationUpdate:
+        return self.wait(self.submit_reset(object_id))
+
+    def merged_labels(self) -> np.ndarray:
+        return self.wait(self.submit_merged_labels())
+
+    def wait(self, future: concurrent.futures.Future, timeout: float | None = None):
+        """Poll until `future` is done; its result (or exception). TimeoutError after `timeout` s."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            self.poll(0.05)
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"no reply from the ENSAM worker after {timeout} s")
+        return future.result()
+
+    def _submitted_shape(self) -> tuple:
+        self._check_open()
+        if self._submitted is None:
+            raise NoImageError("no image: call set_image() first")
+        return self._submitted[1]
+
+    def _request(self, kind: str, fields: dict, object_id: int | None = None) -> concurrent.futures.Future:
+        request_id, self._next_request = self._next_request, self._next_request + 1
+        pending = _Pending(kind, concurrent.futures.Future(),
+                           None if object_id is None else self._objects[object_id], object_id)
+        self._pending[request_id] = pending
+        message = {"op": kind, "id": request_id, **fields}
+        if object_id is not None:
+            message["object"] = object_id
+        self._send(message)
+        return pending.future
+
+    # -- the wire -------------------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Deliver the replies that arrived (waiting up to `timeout` s for the first); detect a dead worker.
+        The GUI calls this from a timer while requests are in flight."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._conn is None and not self._connect():
+                if self.process.poll() is not None:
+                    self._ended()
+                elif timeout:
+                    time.sleep(min(timeout, 0.01))
+                return
+            try:
+                while self._conn is not None and self._conn.poll(timeout):
+                    self._handle(wire.recv(self._conn))
+                    timeout = 0.0
+            except (EOFError, OSError):
+                self._ended()
+
+    def _connect(self) -> bool:
+        conn = wire.accept(self._server, self._key)
+        if conn is None:
+            return False
+        self._conn = conn
+        self._server.close()
+        outbox, self._outbox = self._outbox, []
+        for message in outbox:
+            self._send(message)
+        return self._conn is not None
+
+    def _send(self, message) -> None:
+        if self._conn is None:
+            self._outbox.append(message)
+            return
+        try:
+            wire.send(self._conn, message)
+        except OSError:
+            self._ended()
+
+    def _handle(self, message: dict) -> None:
+        op = message["op"]
+        if op == "ready":
+            self.ready, self.device_name, self.model_info = True, message["device_name"], message["model"]
+            return
+        if op == "fatal":
+            self.failure = wire.decode_error(message["error"])
+            return
+        pending = self._pending.pop(message["id"], None)
+        if pending is None or pending.future.done():
+            return
+        if op == "cancelled":
+            pending.future.cancel()
+        elif op == "error":
+            pending.future.set_exception(wire.decode_error(message["error"]))
+        else:
+            pending.future.set_result(self._result(pending, message["result"]))
+
+    def _result(self, pending: _Pending, result):
+        if pending.kind in ("image", "same_image"):
+            self.mode = result.mode
+            return result
+        if pending.kind == "labels":
+            return result
+        state = pending.state
+        crop = state.crop.patched(result["changed"], result["block"])
+        if self._objects.get(pending.object_id) is state:  # not removed, not from a previous image
+            state.crop, state.prompts, state.step = crop, result["prompts"], result["step"]
+        return SegmentationUpdate(pending.object_id, result["changed"], result["block"], result["logits_region"],
+                                  result["seconds"], result["timings"], result["step"], result["decoding"],
+                                  result["window_growth"], result["prompts"], self._submitted[1], crop)
+
+    def _ended(self) -> None:
+        """The worker is gone (or unusable): fail what is in flight, close everything."""
+        if self._closed:
+            return
+        returncode = self.process.poll()
+        if returncode is None:  # the connection broke but the process lives: end it
+            self._kill()
+            returncode = self.process.poll()
+        if self.failure is None:
+            self.failure = WorkerCrashedError(self._describe_crash(returncode))
+        self._close_wire()
+        self._closed = True
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(self.failure)
+        self._pending.clear()
+        _LIVE.discard(self)
+
+    def _describe_crash(self, returncode) -> str:
+        text = f"the ENSAM worker process (PID {self.process.pid}) {describe_exit(returncode)}"
+        last = last_line(self.log_path)
+        return text + (f"; its last words: {last}" if last else "") + f" (log: {self.log_path})"
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            if self.failure is not None:
+                raise SessionClosedError(f"the session ended: {self.failure}")
+            raise SessionClosedError("the session is closed")
+
+    def close(self, wait: bool = True) -> None:
+        """Cancel what is in flight and end the worker: an idle one may exit by itself within
+        CLOSE_GRACE_S, a busy one is killed at once. Never waits for a running request. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            busy = bool(self._pending)
+            for pending in self._pending.values():
+                pending.future.cancel()
+            self._pending.clear()
+            if self._conn is not None and not busy:
+                try:
+                    wire.send(self._conn, {"op": "close"})
+                except OSError:
+                    pass
+            self._close_wire()
+            self._closed = True
+            _LIVE.discard(self)
+        try:
+            self.process.wait(0 if busy or not wait else CLOSE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill()
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
+    def _close_wire(self) -> None:
+        for closable in (self._conn, self._server):
+            if closable is not None:
+                try:
+                    closable.close()
+                except OSError:
+                    pass
+        self._conn = None
+
+    def _kill(self) -> None:
+        """Kill the worker and everything in its process group (it has its own), then reap it."""
+        if self.process.poll() is None:
+            try:
+                if os.name == "nt":
+                    self.process.kill()
+                else:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> WorkerSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe_exit(returncode) -> str:
+    """'exited with code 1' / 'was killed (signal 9, SIGKILL)'."""
+    if returncode is None:
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed (signal {-returncode}, {name})"
+    return f"exited with code {returncode}"
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file ("" when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+def close_all() -> None:
+    """Close every open WorkerSession of this process (the application quits)."""
+    for session in list(_LIVE):
+        session.close(wait=False)
+
+
+atexit.register(close_all)
