@@ -9,8 +9,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ensam-setup-done
 OUTDIR ?= demo-output
-# No trained weights ship yet: setup writes a deterministic, clearly labelled untrained model here
-# (git-ignored), so that every front-end runs end to end. Replace it with a trained model file.
+# The default model: the trained file registered in ENSAMSegment/Resources/Models/models.json
+# (`ensam models register`, committed). Until one is registered, setup writes a deterministic, clearly
+# labelled untrained placeholder here (git-ignored) so that every front-end runs end to end; once a
+# default is registered, setup never writes a model (and says so when the registered file is missing).
 DEFAULT_MODEL := ENSAMSegment/Resources/Models/ensam-default.pt
 
 .PHONY: setup demo test lint clean
@@ -18,7 +20,7 @@ DEFAULT_MODEL := ENSAMSegment/Resources/Models/ensam-default.pt
 setup: $(STAMP) $(DEFAULT_MODEL)
 
 $(DEFAULT_MODEL): | $(STAMP)
-	$(PY) -c "from ENSAMSegmentLib.core.modelfile import create_untrained_model_file as c; print('wrote untrained default model', c('$@', seed=0))"
+	$(PY) -m ENSAMSegmentLib.core.modelfile
 
 $(STAMP): pyproject.toml .ci/constraints.txt .ci/install-system-packages Makefile
 	bash .ci/install-system-packages

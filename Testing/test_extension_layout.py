@@ -66,6 +66,24 @@ def test_every_module_file_is_listed(module):
     assert not unlisted, f"{module}/CMakeLists.txt does not list resources: {unlisted}"
 
 
+def test_shipped_models_are_listed_committed_and_as_registered():
+    """Each model in the shipped registry (Resources/Models/models.json) ships with the extension: listed
+    in MODULE_PYTHON_RESOURCES, not git-ignored (the untrained placeholder is), its sha256 as registered."""
+    from ENSAMSegmentLib.core.registry import SHIPPED_DIR, SHIPPED_MAX_BYTES, Registry, file_sha256
+
+    resources = cmake_list((ROOT / "ENSAMSegment" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES",
+                           "ENSAMSegment")
+    assert "Resources/Models/models.json" in resources
+    registry = Registry.load(SHIPPED_DIR)
+    assert registry.default is None or registry.get(registry.default), f"{registry.path}: unknown default"
+    for entry in registry.models:
+        path, listed = registry.file_of(entry), f"Resources/Models/{entry.file}"
+        assert listed in resources, f"list {listed} in ENSAMSegment/CMakeLists.txt (MODULE_PYTHON_RESOURCES)"
+        assert not git_ignored(path), f"{path} is git-ignored: remove its line from .gitignore, then commit it"
+        assert file_sha256(path) == entry.sha256, f"{path} is not the file registered in {registry.path}"
+        assert entry.bytes <= SHIPPED_MAX_BYTES, f"{path}: over 12 MB"
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_module_structure(module):
     folder = ROOT / module

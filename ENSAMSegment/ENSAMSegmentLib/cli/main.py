@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ENSAMSegmentLib.cli.cmd_demo",
     "ENSAMSegmentLib.cli.cmd_segment",
     "ENSAMSegmentLib.cli.cmd_info",
+    "ENSAMSegmentLib.cli.cmd_models",
     "ENSAMSegmentLib.cli.cmd_predict",
     "ENSAMSegmentLib.cli.cmd_evaluate",
     "ENSAMSegmentLib.cli.cmd_bench",

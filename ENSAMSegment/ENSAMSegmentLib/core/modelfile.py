@@ -6,7 +6,11 @@
 
 Files are written atomically (a temporary file in the same folder, then os.replace) and read with
 torch.load(weights_only=True), so loading never runs code from the file. Every way a file can be
-wrong raises a `ModelFileError` subclass naming the file and the problem.
+wrong raises a `ModelFileError` subclass naming the file and the problem. A file listed in the model
+registry of its folder (registry.py: models.json) must match the sha256 registered there.
+
+Weights may be stored as float16 (shipped models: `save_model(..., dtype=torch.float16)` halves the
+file); loading casts them to the model's float32 parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ENSAMSegmentLib import __version__
+from ENSAMSegmentLib.core import registry
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 
 FORMAT = "ensam-model"
@@ -51,6 +56,14 @@ class CorruptModelFileError(ModelFileError):
     """Truncated or damaged (e.g. an interrupted copy or download)."""
 
 
+class ModelChecksumError(ModelFileError):
+    """A registered file whose sha256 differs from its registry entry."""
+
+
+class ModelRegistryError(ModelFileError):
+    """The registry beside a model file cannot be read."""
+
+
 @dataclass
 class ModelInfo:
     """A model file's metadata (read without building the model)."""
@@ -64,6 +77,7 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     notes: str = ""
     parameters: int = 0
+    weights_dtype: str = ""  # float32, or float16 for shipped files
 
     @property
     def untrained(self) -> bool:
@@ -73,24 +87,30 @@ class ModelInfo:
         return {"path": str(self.path) if self.path else None, "format_version": self.format_version,
                 "created": self.created, "ensam_version": self.ensam_version,
                 "training_data": self.training_data, "untrained": self.untrained,
-                "metrics": self.metrics, "notes": self.notes, "parameters": self.parameters}
+                "metrics": self.metrics, "notes": self.notes, "parameters": self.parameters,
+                "weights_dtype": self.weights_dtype}
 
 
 def default_model_path() -> Path:
-    """The model file shipped with the extension (ENSAMSegment/Resources/Models/ensam-default.pt)."""
-    return Path(__file__).parents[2] / "Resources" / "Models" / "ensam-default.pt"
+    """The default model file: the shipped registry's default (ENSAMSegment/Resources/Models/models.json),
+    else ENSAMSegment/Resources/Models/ensam-default.pt."""
+    return registry.default_model_path()
 
 
 def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | None = None,
-               notes: str = "") -> Path:
-    """Write `model` (weights + config + metadata) to `path` atomically; returns the path."""
+               notes: str = "", dtype: torch.dtype | None = None, created: str | None = None) -> Path:
+    """Write `model` (weights + config + metadata) to `path` atomically; returns the path.
+    dtype: store floating-point weights in this type (torch.float16 for shipped files)."""
     path = Path(path)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "weights": weights,
+        "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ensam_version": __version__,
         "training_data": str(training_data),
         "metrics": _plain(dict(metrics or {}), "metrics"),
@@ -110,6 +130,7 @@ def atomic_torch_save(payload, path) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # not mkstemp's 0600: model files are shared (shipped, user folder)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,6 +158,7 @@ def _read(path, mmap: bool) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelFileNotFoundError(f"model file {path}: no such file")
+    check_registered(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
@@ -162,6 +184,22 @@ def _read(path, mmap: bool) -> dict:
     return payload
 
 
+def check_registered(path) -> registry.ModelEntry | None:
+    """When the registry in `path`'s folder lists the file: its entry, after checking the sha256
+    (ModelChecksumError when it differs). None for an unregistered file."""
+    try:
+        found = registry.registered_entry(path)
+    except registry.RegistryError as error:
+        raise ModelRegistryError(f"model file {path}: {error}") from None
+    if found is None:
+        return None
+    reg, entry = found
+    actual = registry.file_sha256(path)
+    if actual != entry.sha256:
+        raise ModelChecksumError(registry.mismatch_message(path, reg, entry, actual))
+    return entry
+
+
 def _info(path, payload: dict) -> ModelInfo:
     try:
         config = ENSAMConfig.from_dict(payload["config"])
@@ -173,7 +211,17 @@ def _info(path, payload: dict) -> ModelInfo:
         created=str(payload.get("created", "")), ensam_version=str(payload.get("ensam_version", "")),
         training_data=str(payload.get("training_data", "")), metrics=dict(payload.get("metrics") or {}),
         notes=str(payload.get("notes", "")),
-        parameters=sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)))
+        parameters=sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)),
+        weights_dtype=_weights_dtype(weights))
+
+
+def _weights_dtype(weights: dict) -> str:
+    """The floating-point type of most weights ('float32', 'float16', ...)."""
+    counts: dict = {}
+    for v in weights.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else ""
 
 
 def read_model_info(path) -> ModelInfo:
@@ -186,8 +234,10 @@ def load_model(path, device="cpu") -> tuple[ENSAM, ModelInfo]:
     payload = _read(path, mmap=False)
     info = _info(path, payload)
     model = ENSAM(info.config)
-    _check_weights(path, model.state_dict(), payload["weights"])
-    model.load_state_dict(payload["weights"])
+    expected = model.state_dict()
+    _check_weights(path, expected, payload["weights"])
+    # float16 files: cast to the model's own types (float32) explicitly, not through load_state_dict
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in payload["weights"].items()})
     return model.to(device).eval(), info
 
 
@@ -213,3 +263,35 @@ def create_untrained_model_file(path, seed: int = 0, config: ENSAMConfig | None 
         model = ENSAM(config or ENSAMConfig())
     return save_model(path, model, training_data=UNTRAINED,
                       notes=f"Random initialisation (seed {seed}); segmentations from it are meaningless.")
+
+
+def ensure_default_model(folder: Path | None = None) -> str:
+    """`make setup`: until a default model is registered in the shipped registry, write the untrained
+    placeholder (seed 0) where the default model goes; once one is registered, never write there.
+    Returns what was done; ModelFileError when the registered default file is missing."""
+    folder = Path(folder) if folder is not None else registry.SHIPPED_DIR
+    try:
+        reg = registry.Registry.load(folder)
+    except registry.RegistryError as error:
+        raise ModelRegistryError(str(error)) from None
+    entry = reg.get(reg.default) if reg.default else None
+    if entry is not None:
+        if not reg.file_of(entry).is_file():
+            raise ModelFileNotFoundError(
+                f"the registered default model {reg.file_of(entry)} ({entry.name!r} in {reg.path}) is missing: "
+                "restore it (git checkout -- that file)")
+        return f"default model: {reg.file_of(entry)} ({entry.name}, registered)"
+    path = registry.default_model_path(folder)
+    if path.is_file():
+        return f"default model: {path} (unregistered)"
+    create_untrained_model_file(path, seed=0)
+    return f"wrote the untrained placeholder default model {path} (no trained model is registered yet)"
+
+
+if __name__ == "__main__":  # `make setup`
+    import sys
+
+    try:
+        print(ensure_default_model())
+    except ModelFileError as error:
+        sys.exit(f"make setup: {error}")
