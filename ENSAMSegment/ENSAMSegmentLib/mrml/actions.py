@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ENSAMSegmentLib.core.registry import default_model_path, user_models_dir
+
 TOOLS = ("box", "foreground", "background")
 # action -> (button label, keyboard shortcut as a QKeySequence string). The module, the effect and the web app.
 ACTIONS = {
@@ -32,8 +34,9 @@ ACTIONS = {
     "next": ("Next object", "N"),
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")  # = ENSAMSegmentLib.core.devices.DEVICE_NAMES (without torch)
-USER_MODELS_DIR = Path.home() / ".ensam" / "models"  # where ENSAM Training keeps trained models
-DEFAULT_MODEL = Path(__file__).parents[2] / "Resources" / "Models" / "ensam-default.pt"  # = modelfile's
+# ~/.ensam/models (or $ENSAM_USER_MODELS_DIR): ENSAM Training and `ensam models import` put models there
+USER_MODELS_DIR = user_models_dir()
+DEFAULT_MODEL = default_model_path()  # the shipped registry's default (Resources/Models/models.json)
 
 # The prompt nodes' name prefix per front-end: the module and the effect each place their own box and
 # clicks ("ENSAM box", "ENSAM editor box", ...), so neither ever sends the other's prompts.
