@@ -22,8 +22,8 @@ box as a background shell just outside it, clicks as radius-1 balls):
 
 Statistics are the median and the 95th percentile (linear interpolation) of the measured repeats.
 On CUDA every step ends with torch.cuda.synchronize(). Peak memory: the process's peak resident set
-size (a high-water mark, so it includes building the phantom), read after the ENSAM part and again
-after Grow from seeds; on CUDA also torch.cuda.max_memory_allocated.
+size (a high-water mark, so it includes building the phantom), read after the ENSAM session (before
+the untimed agreement pass) and again after Grow from seeds; on CUDA also torch.cuda.max_memory_allocated.
 CPU time: user and system (kernel) seconds and minor page faults of the process over the ENSAM part
 (getrusage, every thread), and the CPU's instruction set as PyTorch and oneDNN use it, with the
 environment variables that limit it (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 emulate an AVX2
@@ -370,10 +370,11 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
         ensam = bench_ensam(session, scenario, repeats, warmup, clock, progress)
         ensam_cpu = usage_between(before, cpu_usage())
         device_name, click_window = session.device_name, session.click_window
+    peak_ensam = peak_rss_mb()  # the interactive session's, before the untimed agreement pass
+    cuda_peak = torch.cuda.max_memory_allocated(torch_device) / 2**20 if clock.cuda else None
+    del session  # and its embeddings, before the agreement pass encodes the image again
     agreement = (window_agreement(model, scenario, torch_device, precision, ensam["first_click_masks"], progress)
                  if click_window and agreement else None)
-    peak_ensam = peak_rss_mb()
-    cuda_peak = torch.cuda.max_memory_allocated(torch_device) / 2**20 if clock.cuda else None
     grow = bench_growcut(scenario, repeats, warmup, progress) if growcut else None
 
     s = {k: stats(v) for k, v in ensam["samples"].items()}

@@ -88,10 +88,9 @@ class ResBlock(nn.Module):
         self.conv2 = conv3(c_out, c_out)
         self.skip = nn.Identity() if c_in == c_out else conv1(c_in, c_out)
 
-    def forward(self, x: torch.Tensor, norms: Norms | None = None, consume: bool = False) -> torch.Tensor:
-        """consume: x is the caller's to overwrite (a streamed block then writes its output into x)."""
+    def forward(self, x: torch.Tensor, norms: Norms | None = None) -> torch.Tensor:
         if streams(x):
-            return stream_block(self, [x], norms, out=x if consume and isinstance(self.skip, nn.Identity) else None)
+            return stream_block(self, [x], norms)
         h = self.conv1(norm_relu(self.norm1, x, norms))
         h = self.conv2(norm_relu(self.norm2, h, norms))
         return add_into(h, self.skip(x))
@@ -113,9 +112,7 @@ class Encoder(nn.Module):
         x = self.init_conv(x)  # [B, C, D, H, W]
         outputs = []
         for level in self.levels:
-            x = level[0](x)  # the stride-2 convolution (identity at the first level)
-            for block in level[1:]:
-                x = block(x, consume=True)  # every block input here is an intermediate of this pass
+            x = level(x)
             outputs.append(x)
         return outputs
 
@@ -215,9 +212,9 @@ def slabs_of(x: torch.Tensor, widest: int, narrowest: int) -> list[tuple[int, in
     return list(zip(bounds, bounds[1:]))
 
 
-def stream_block(block: ResBlock, parts: list, norms: Norms | None, out=None) -> torch.Tensor:
-    """block(torch.cat(parts, dim=1), norms), slab by slab (see above); out: where to write the output
-    (may be parts[0] itself: its rows are read for the last time just before they are overwritten)."""
+def stream_block(block: ResBlock, parts: list, norms: Norms | None) -> torch.Tensor:
+    """block(torch.cat(parts, dim=1), norms), slab by slab (see above). The output goes into the memory
+    of the first convolution's output h, each slab written once the next one has read its halo from h."""
     c_in, c_out = block.conv1.in_channels, block.conv1.out_channels
     slabs = slabs_of(parts[0], max(c_in, c_out), min(c_in, c_out))
     stats1 = channel_stats(block.norm1, parts, slabs, norms)
@@ -235,7 +232,7 @@ def stream_block(block: ResBlock, parts: list, norms: Norms | None, out=None) ->
                                                                  out=joined[:, :, : b - a])
         return add_into(y, block.skip(x))
 
-    return assemble(slabs, output, out)
+    return assemble(slabs, output, out=h, lag=True)
 
 
 def channel_stats(norm: nn.GroupNorm, parts: list, slabs, norms: Norms | None, moments=None):
@@ -294,16 +291,23 @@ def _norm_conv(conv: nn.Conv3d, norm: nn.GroupNorm, stats, parts: list, a: int, 
     return F.conv3d(F.relu_(t), conv.weight, conv.bias, 1, (0, 1, 1))
 
 
-def assemble(slabs, compute, out=None, moments: list | None = None) -> torch.Tensor:
+def assemble(slabs, compute, out=None, moments: list | None = None, lag: bool = False) -> torch.Tensor:
     """The tensor whose rows [a, b) along dim 2 are compute(a, b), written into `out` when it fits;
-    `moments` receives every slab's (var, mean) per channel."""
+    `moments` receives every slab's (var, mean) per channel. lag: write each slab only after the next
+    one is computed (when `out` is also what compute reads, with a halo)."""
+    pending = []
     for a, b in slabs:
         y = compute(a, b)
         if moments is not None:
             moments.append(_moments(y))
-        if out is None or (a == 0 and out.dtype != y.dtype):
+        if out is None or (a == 0 and (out.dtype, out.shape[:2]) != (y.dtype, y.shape[:2])):
             out = torch.empty((*y.shape[:2], slabs[-1][1], *y.shape[3:]), dtype=y.dtype, device=y.device,
                               memory_format=_format(y))
+        pending.append((a, b, y))
+        while len(pending) > lag:
+            a, b, y = pending.pop(0)
+            out[:, :, a:b] = y
+    for a, b, y in pending:
         out[:, :, a:b] = y
     return out
 
