@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -257,48 +256,6 @@ def _format_row(r: dict) -> str:
         f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']})  "
         f"{r['peak_memory_mib']:9.0f} MiB ({r['peak_memory_kind']})"
     )
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    """'D,H,W' as `ensam bench --shape` takes it (the older 'DxHxW' too)."""
-    try:
-        shape = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 64,64,64 (D,H,W = z,y,x), got {text}") from None
-    if len(shape) != 3 or any(s < 8 or s % 8 for s in shape):
-        raise argparse.ArgumentTypeError(f"shape must be 3 multiples of 8, got {text}")
-    return shape
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train-bench", help="training benchmarks: the paper's ablation, throughput")
-    sub = p.add_subparsers(dest="bench", metavar="BENCH")
-    sub.required = True
-    a = sub.add_parser("ablation", help="absolute+AdamW vs LieRE+AdamW vs LieRE+Muon: loss curves")
-    a.add_argument("--out", "-o", required=True)
-    a.add_argument("--data", help="training data (default: phantoms generated in OUT/data)")
-    a.add_argument("--steps", type=int, default=60)
-    a.add_argument("--voxel-budget", type=int, default=32_768)
-    a.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    a.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
-    a.set_defaults(func=_run_ablation_cmd)
-    u = sub.add_parser("prompts", help="does the box decide? two identical spheres, a box on one, per setting")
-    u.add_argument("--steps", type=int, default=200)
-    u.add_argument("--image-alpha", type=float, nargs="+", default=[0.05, 0.3, 0.5])
-    u.add_argument("--scale-lr-factor", type=float, nargs="+", default=[1.0, 10.0])
-    u.add_argument("--out", help="write the results as JSON here")
-    u.set_defaults(func=_run_prompts_cmd)
-    t = sub.add_parser("throughput", help="samples/s and peak memory of the training step per patch shape")
-    t.add_argument("--shapes", type=_shape, nargs="+", default=[(64, 64, 64), (64, 128, 128)], metavar="D,H,W",
-                   help="patch shapes z,y,x, each a multiple of 8 (default: 64,64,64 64,128,128)")
-    t.add_argument("--steps", type=int, default=3)
-    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    t.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
-    t.add_argument("--no-amp", dest="amp", action="store_false", help="float32 (default: bf16 where training uses it)")
-    t.add_argument("--grad-clicks", type=int, help="click steps with gradients per sample (default: all)")
-    t.add_argument("--out", help="write the results as JSON here")
-    t.set_defaults(func=_run_throughput_cmd)
-    return p
 
 
 def _run_ablation_cmd(args) -> int:

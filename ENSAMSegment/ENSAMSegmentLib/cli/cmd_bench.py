@@ -48,16 +48,20 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ENSAMSegmentLib.evaluation.benchmark import BenchmarkError, format_report, parse_shape, run_benchmark
-    from ENSAMSegmentLib.evaluation.growcut import GrowCutError
-    from ENSAMSegmentLib.core.session import SessionError
 
+    try:  # settings first: refused before torch loads
+        shape = parse_shape(args.shape)
+    except BenchmarkError as error:
+        raise UserError(str(error)) from None
     check_device(args.device)
+    from ENSAMSegmentLib.core.session import SessionError
+    from ENSAMSegmentLib.evaluation.growcut import GrowCutError
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        report = run_benchmark(parse_shape(args.shape), args.device, args.repeats, args.warmup,
+        report = run_benchmark(shape, args.device, args.repeats, args.warmup,
                                args.checkpoint, growcut=not args.no_growcut, progress=progress,
                                precision=args.precision, click_window=args.click_window,
                                agreement=not args.no_agreement, tune_malloc=not args.system_malloc)

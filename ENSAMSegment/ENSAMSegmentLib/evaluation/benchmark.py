@@ -48,9 +48,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch  # imported where used: `ensam bench` refuses bad settings before torch loads (~2 s)
 
 DEFAULT_SHAPE = (128, 256, 256)
 SPACING_ZYX = (2.0, 1.0, 1.0)
@@ -186,6 +189,8 @@ def usage_between(before: dict | None, after: dict | None) -> dict | None:
 
 def cpu_description() -> dict:
     """What the CPU computes with: PyTorch's kernel level, native bf16, the ISA-limiting environment."""
+    import torch
+
     from ENSAMSegmentLib.core import devices
 
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
@@ -211,6 +216,8 @@ class Clock:
 
     def sync(self) -> None:
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
 
     def time(self, fn, *args, **kwargs):
@@ -230,6 +237,7 @@ def bench_model(checkpoint=None) -> tuple[torch.nn.Module, dict]:
     from ENSAMSegmentLib.core.modelfile import ModelFileError, default_model_path, load_model
     from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
     from ENSAMSegmentLib.core.network.complexity import count_parameters
+    import torch
 
     path = Path(checkpoint) if checkpoint is not None else default_model_path()
     if checkpoint is None and not path.is_file():
@@ -345,6 +353,8 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
                   checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
                   click_window: int | None = None, agreement: bool = True, tune_malloc: bool = True) -> dict:
     """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
+    import torch
+
     from ENSAMSegmentLib import __version__
     from ENSAMSegmentLib.core import devices
     from ENSAMSegmentLib.core.session import InferenceSession
