@@ -212,3 +212,19 @@ def _glibc() -> bool:
     import platform
 
     return platform.libc_ver()[0] == "glibc"
+
+
+def test_auto_precision_follows_an_isa_cap_on_onednn():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX2-only CPU is emulated on a newer one) makes "auto" fp32 even
+    where /proc/cpuinfo lists bf16 instructions: oneDNN may not use them. In a child process: oneDNN
+    reads the variable once."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from ENSAMSegmentLib.core import devices; "
+            "print(devices.onednn_bf16(), devices.autocast_dtype(torch.device('cpu'), 'auto'), "
+            "devices.autocast_dtype(torch.device('cpu'), 'bf16'))")
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "None", "torch.bfloat16"]  # bf16 asked for: still bf16

@@ -67,6 +67,15 @@ def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN may use its bf16 kernels here: False where ONEDNN_MAX_CPU_ISA caps it below them
+    (e.g. AVX2, to emulate such a CPU on a newer one), so that "auto" then means fp32 as it would there."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private helper: assume yes where it is gone
+        return True
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `device`, or None for plain fp32."""
     precision = str(precision).lower()
@@ -77,7 +86,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cpu":
         if precision == "fp16":
             raise ValueError("precision 'fp16' is not supported on the CPU; use bf16 or fp32")
-        return torch.bfloat16 if precision == "bf16" or cpu_native_bf16() else None
+        return torch.bfloat16 if precision == "bf16" or (cpu_native_bf16() and onednn_bf16()) else None
     if device.type != "cuda":
         if precision != "auto":
             raise ValueError(f"precision {precision!r} is only supported on CUDA and CPU, not on {device.type}")

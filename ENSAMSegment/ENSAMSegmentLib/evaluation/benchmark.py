@@ -194,7 +194,7 @@ def cpu_description() -> dict:
     from ENSAMSegmentLib.core import devices
 
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
-    return {"aten_capability": capability, "native_bf16": devices.cpu_native_bf16(),
+    return {"aten_capability": capability, "native_bf16": devices.cpu_native_bf16(), "onednn_bf16": devices.onednn_bf16(),
             "environment": {k: os.environ[k] for k in CPU_ENVIRONMENT if k in os.environ}}
 
 
