@@ -157,7 +157,10 @@ def test_import_copies_checks_and_registers_and_never_overwrites_silently(tmp_pa
     assert import_model(other, "run", user, replace=True).sha256 == registry.file_sha256(other)
     with pytest.raises(ModelStoreError, match="model name"):
         import_model(other, "bad name/..", user)
-    assert sorted(p.name for p in user.iterdir()) == ["models.json", "run.pt"]
+    create_untrained_model_file(user / "mine.pt", config=TINY)  # unregistered, untrained: still the user's
+    with pytest.raises(ModelStoreError, match="mine.pt already exists.*--replace"):
+        import_model(other, "mine", user)
+    assert sorted(p.name for p in user.iterdir()) == ["mine.pt", "models.json", "run.pt"]
 
 
 def test_import_refuses_a_truncated_file_and_leaves_nothing(tmp_path, trained_file):

@@ -30,28 +30,28 @@ def register(subparsers) -> None:
     listing.set_defaults(func=run_list)
 
     verify = actions.add_parser("verify", help="check sha256 and load each model (exit code 1 when one fails)")
-    verify.add_argument("model", nargs="?", help="a model name or file (default: every shipped and user model)")
+    verify.add_argument("model", nargs="?", metavar="NAME|FILE", help="a model name or file (default: every shipped and user model)")
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(func=run_verify)
 
     imp = actions.add_parser("import", help="copy a model file into the user model folder and register it")
-    imp.add_argument("file", type=Path, help="an ENSAM model file (e.g. a training run's model.pt)")
+    imp.add_argument("file", type=Path, metavar="FILE", help="an ENSAM model file (e.g. a training run's model.pt)")
     imp.add_argument("--name", help="the model's name (default: the file name, or the run folder of a model.pt)")
     imp.add_argument("--replace", action="store_true", help="overwrite a user model of the same name")
     imp.set_defaults(func=run_import)
 
     reg = actions.add_parser("register", help="maintainers: write a trained model into the shipped registry",
                              description="Write FILE as <folder>/NAME.pt with float16 weights (at most 12 MB in "
-                             "the shipped folder) and the given metadata, and register its sha256.")
-    reg.add_argument("file", type=Path, help="the trained model file")
+                             "the shipped folder) and the given metadata, register its sha256, and say what is left to commit.")
+    reg.add_argument("file", type=Path, metavar="FILE", help="the trained model file")
     reg.add_argument("--name", required=True, help="the model's name and file stem (e.g. ensam-default)")
-    reg.add_argument("--training-data", help="what it was trained on (default: the file's own record)")
-    reg.add_argument("--metrics", help="dev-set metrics: a JSON object, or a JSON file (default: the file's)")
-    reg.add_argument("--notes", help="notes (default: the file's own)")
+    reg.add_argument("--training-data", metavar="TEXT", help="what it was trained on (default: the file's own record)")
+    reg.add_argument("--metrics", metavar="JSON", help="dev-set metrics: a JSON object, or a JSON file (default: the file's)")
+    reg.add_argument("--notes", metavar="TEXT", help="notes (default: the file's own)")
     reg.add_argument("--default", action="store_true", help="make it the default model (the first one is)")
     reg.add_argument("--fp32", action="store_true", help="store float32 weights instead of float16")
     reg.add_argument("--replace", action="store_true", help="overwrite a registered model of the same name")
-    reg.add_argument("--folder", type=Path, help="registry folder (default: the shipped models folder)")
+    reg.add_argument("--folder", type=Path, metavar="DIR", help="registry folder (default: the shipped models folder)")
     reg.set_defaults(func=run_register)
 
 

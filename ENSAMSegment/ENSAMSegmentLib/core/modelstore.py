@@ -3,7 +3,7 @@
 Registries (registry.py) live in two folders: the shipped one (ENSAMSegment/Resources/Models, where
 `register` writes the maintainer's models as float16 files) and the user's (`import` copies there).
 Every write is atomic (a temporary file in the target folder, then a rename) and nothing is
-overwritten without `replace`, except the untrained placeholder that `make setup` writes.
+overwritten without `replace`, except, by `register`, the untrained placeholder that `make setup` writes.
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def entry_for(path: Path, name: str, info: ModelInfo) -> ModelEntry:
                       notes=info.notes)
 
 
-def _refuse_overwrite(reg: Registry, target: Path, name: str, replace: bool) -> None:
+def _refuse_overwrite(reg: Registry, target: Path, name: str, replace: bool, placeholder_ok: bool = False) -> None:
     if replace:
         return
     if reg.get(name):
         raise ModelStoreError(f"a model named {name!r} is already registered in {reg.path}; choose another "
                               "--name, or pass --replace to overwrite it")
-    if target.exists() and not _is_placeholder(target):
+    if target.exists() and not (placeholder_ok and _is_placeholder(target)):
         raise ModelStoreError(f"{target} already exists; choose another --name, or pass --replace to "
                               "overwrite it")
 
@@ -216,7 +216,7 @@ def register_model(source, name: str, folder=None, *, training_data: str | None 
     target = folder / f"{name}.pt"
     same = target.exists() and target.resolve() == Path(source).resolve()
     if not same:
-        _refuse_overwrite(reg, target, name, replace)
+        _refuse_overwrite(reg, target, name, replace, placeholder_ok=True)  # make setup's untrained one
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.pt.register.tmp"
     try:
