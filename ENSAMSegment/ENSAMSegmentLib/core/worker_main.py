@@ -24,6 +24,9 @@ import queue
 import sys
 import threading
 
+import numpy  # noqa: F401  imported before the reader thread unpickles arrays while the main thread imports
+#              torch: two threads importing numpy at once can see it half initialised (a circular ImportError)
+
 from . import worker_wire as wire
 
 EXIT_FATAL = 2  # the model or the device could not be used ("fatal" was sent)

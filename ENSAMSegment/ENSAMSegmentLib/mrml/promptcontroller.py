@@ -291,6 +291,15 @@ class PromptController(PromptNodes):
             self._set_status(f"The ENSAM worker stopped ({error}). Restarted: encoding the image again; "
                              "the segmentation is unchanged, prompts start a new object.")
 
+    def _follow_volume(self) -> None:
+        """The volume's world geometry as it is now (a transform may have moved it; its voxels are the same)."""
+        from .volumes import MRMLError, volume_geometry
+
+        try:
+            self.geometry = volume_geometry(self.volume_node)
+        except MRMLError as error:
+            logging.warning("ENSAM: cannot read the volume's geometry: %s", error)
+
     def _volume_modified(self) -> bool:
         image = self.volume_node.GetImageData()
         return image is not None and image.GetMTime() != self._volume_mtime
@@ -389,10 +398,7 @@ class PromptController(PromptNodes):
             self._remove_clicks_before(job.number)  # a box starts the object over: earlier clicks are gone
 
     def _write_failed(self, job: _Job, update, error: Exception) -> None:
-        """The session stepped on but the segment did not: drop the object on both sides so they agree,
-        and make writer and geometry anew from the scene as it is now."""
-        from .volumes import MRMLError, volume_geometry
-
+        """The session stepped on but the segment did not: drop the object on both sides so they agree."""
         logging.error("ENSAM: the %s result could not be written into segment %s: %s", job.kind, job.segment_id,
                       error, exc_info=error)
         object_id = update.object_id
@@ -401,11 +407,7 @@ class PromptController(PromptNodes):
         self._objects = {s: o for s, o in self._objects.items() if o != object_id}
         if job.segment_id == self.segment_id:
             self._clear_prompts()
-        self._set_writer(None)
-        try:
-            self.geometry = volume_geometry(self.volume_node)
-        except MRMLError:
-            pass
+        self._set_writer(None)  # made anew, from the scene as it is then, at the next prompt
         self._set_status(f"{job.kind.capitalize()} not written: {error}. The segment is unchanged; its ENSAM "
                          "prompts were cleared: draw the box again.")
 

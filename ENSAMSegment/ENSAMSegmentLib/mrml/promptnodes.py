@@ -24,7 +24,8 @@ from .actions import TOOLS
 
 class PromptNodes:
     """Markups and place mode of a PromptController (not used on its own). Needs from the controller:
-    scene, app_logic, prompt_name, geometry, on_change(), _prompt_work(), _send(kind, submit), session."""
+    scene, app_logic, prompt_name, geometry, session, on_change(), wake(), _follow_volume(), _set_status(),
+    _send(kind, submit, note) and _tool_started()."""
 
     def _init_prompt_nodes(self) -> None:
         self._observations: list[tuple[object, int]] = []  # (node, observer tag) on the prompt nodes
@@ -44,32 +45,44 @@ class PromptNodes:
         """(foreground, background, roi) markups nodes, created and observed on first use."""
         import slicer
 
-        alive = [n is not None and n.GetScene() is self.scene
-                 for n in (self.foreground_node, self.background_node, self.roi_node)]
-        if not all(alive):
-            self._unobserve_prompts()
+        defined = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+        if not all(n is not None and n.GetScene() is self.scene for n in (self.foreground_node, self.background_node)):
+            self._unobserve(self.foreground_node, self.background_node)
             self.foreground_node, self.background_node = mrml_prompts.add_click_nodes(self.scene, self.prompt_name)
-            self.roi_node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{self.prompt_name} box")
-            self.roi_node.CreateDefaultDisplayNodes()
-            for node in (self.foreground_node, self.background_node, self.roi_node):
+            for node in (self.foreground_node, self.background_node):
                 node.SetSaveWithScene(False)  # prompts are session state, not data
-            defined, ended = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent
-            for node, event, callback in ((self.foreground_node, defined, self._on_prompt_event),
-                                          (self.background_node, defined, self._on_prompt_event),
-                                          (self.roi_node, defined, self._on_roi_point_defined),
-                                          (self.roi_node, ended, self._on_prompt_event)):
-                self._observations.append((node, node.AddObserver(event, callback)))
+                self._observations.append((node, node.AddObserver(defined, self._on_prompt_event)))
+        if self.roi_node is None or self.roi_node.GetScene() is not self.scene:
+            self._fresh_roi()
         return self.foreground_node, self.background_node, self.roi_node
+
+    def _fresh_roi(self) -> None:
+        """A new, empty ROI node in place of the old one. A new box needs one: once placed, a box ROI takes no
+        new corners (vtkMRMLMarkupsROINode::UpdateControlPointsFromBoxROI sets its maximum number of control
+        points to 1, Libs/MRML/Core/vtkMRMLMarkupsROINode.cxx, v5.10.0 lines 1041-1042)."""
+        import slicer
+
+        old = self.roi_node
+        self._unobserve(old)
+        if old is not None and old.GetScene() is self.scene:
+            self.scene.RemoveNode(old)
+        roi = self.roi_node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{self.prompt_name} box")
+        roi.CreateDefaultDisplayNodes()
+        roi.SetSaveWithScene(False)
+        for event, callback in ((slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_roi_point_defined),
+                                (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._on_prompt_event)):
+            self._observations.append((roi, roi.AddObserver(event, callback)))
+        self._first_corner = None
 
     def start_tool(self, tool: str) -> None:
         """Enter Slicer's place mode for a box (one ROI) or clicks (persistent) in the right node."""
         if tool not in TOOLS:
             raise ValueError(f"unknown tool {tool!r}; use one of {TOOLS}")
         foreground, background, roi = self.prompt_nodes()
+        if tool == "box":  # a new box: placement starts from two fresh corners, in a fresh node
+            self._fresh_roi()
+            roi = self.roi_node
         node = {"box": roi, "foreground": foreground, "background": background}[tool]
-        if tool == "box":
-            roi.RemoveAllControlPoints()  # a new box: placement starts from two fresh corners
-            self._first_corner = None
         selection, interaction = self.app_logic.GetSelectionNode(), self.app_logic.GetInteractionNode()
         selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
         selection.SetActivePlaceNodeID(node.GetID())
@@ -114,6 +127,11 @@ class PromptNodes:
             node.RemoveObserver(tag)
         self._observations.clear()
 
+    def _unobserve(self, *nodes) -> None:
+        for node, tag in [o for o in self._observations if any(o[0] is n for n in nodes if n is not None)]:
+            node.RemoveObserver(tag)
+            self._observations.remove((node, tag))
+
     def _unobserve_interaction(self) -> None:
         if self._interaction_tag is not None:
             node, tag = self._interaction_tag
@@ -126,6 +144,7 @@ class PromptNodes:
         """New clicks, and the box when it is placed and differs from the last one sent."""
         if self.geometry is None or self.session is None or self.roi_node is None:
             return
+        self._follow_volume()  # prompts are read in world RAS: a volume moved since is followed
         if self._roi_ready():
             depth_note = self._apply_depth_rule()
             try:
