@@ -186,3 +186,13 @@ def test_imports_point_down(layer):
                 assert rule["slicer"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Slicer"
             if top in ("qt", "ctk", "PythonQt") or name.startswith(("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper")):
                 assert rule["qt"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Qt"
+
+
+def test_screenshot_urls_name_files_of_this_tree():
+    """EXTENSION_SCREENSHOTURLS: each URL (space-separated) names a file under Resources/Screenshots."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', text).group(1).split()
+    assert urls
+    for url in urls:
+        path = url.split("/main/", 1)[1]
+        assert (ROOT / path).is_file(), f"{url} names {path}, which does not exist"

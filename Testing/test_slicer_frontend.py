@@ -377,3 +377,68 @@ def test_readme_has_install_in_slicer_section():
     section = text.split("## Install in 3D Slicer", 1)[1]
     for words in ("Extensions Manager", "PyTorch", "Developer mode", "Additional module paths"):
         assert words in section, words
+
+
+# --- Slicer version, self-tests, Sample Data ------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, runs", [((5, 8), False), ((5, 9), False), ((5, 10), True), ((5, 12), True),
+                                           ((6, 0), True), ((4, 13), False)])
+def test_slicer_5_10_is_the_minimum(version, runs):
+    problem = deps.slicer_version_problem(*version)
+    assert (problem == "") is runs
+    if not runs:
+        assert "5.10 or newer" in problem and f"Slicer {version[0]}.{version[1]}" in problem
+
+
+def test_the_minimum_is_the_same_everywhere():
+    """README, the extension description and the module say 5.10; no 5.8 promise is left."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install in 3D Slicer", 1)[1].split("\n## ", 1)[0]
+    assert "3D Slicer 5.10 or newer" in section and "5.8 or newer" not in readme
+    assert "Slicer 5.10" in (ROOT / "CMakeLists.txt").read_text()
+    assert deps.MINIMUM_SLICER == (5, 10)
+    assert "5.10 or newer" in MODULE.read_text()
+
+
+def test_self_tests_skip_what_they_cannot_run_and_never_install():
+    """The self-tests run unattended (slicer_add_python_unittest): no installation dialog, and what needs
+    torch or Slicer 5.10 is skipped with the reason."""
+    for path, test_class in ((MODULE, "ENSAMSegmentTest"),
+                             (ROOT / "ENSAMTraining" / "ENSAMTraining.py", "ENSAMTrainingTest")):
+        cls = _class(_tree(path), test_class)
+        text = ast.unparse(cls)
+        assert "ensure_dependencies" not in text and "confirm" not in text, path
+        assert "skipTest(" in text and "unittest.SkipTest" in text, path
+
+
+def test_the_sample_ct_is_offered_to_sample_data():
+    from ENSAMSegmentLib.slicerui import sampledata
+
+    source = sampledata.source()
+    assert source["category"] == "ENSAM" and source["sampleName"] == source["nodeNames"] == "ENSAM sample CT"
+    image = sampledata.IMAGE
+    assert source["uris"] == image.resolve().as_uri() and source["uris"].startswith("file://")
+    import hashlib
+
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    assert source["checksums"] == f"SHA256:{digest}" and digest[:12] in source["fileNames"]
+    assert source["fileNames"].endswith(".nrrd") and source["loadFileTypes"] == "VolumeFile"
+    assert Path(source["thumbnailFileName"]).is_file()
+    cmake = (ROOT / "ENSAMSegment" / "CMakeLists.txt").read_text()
+    for path in (image, Path(source["thumbnailFileName"])):
+        assert path.relative_to(ROOT / "ENSAMSegment").as_posix() in cmake
+    module = MODULE.read_text()
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in module
+    # what registerCustomSampleDataSource takes (SampleData.py, Slicer v5.10.0 lines 510-515)
+    assert set(source) <= {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader",
+                           "thumbnailFileName", "loadFileTypes", "loadFiles", "loadFileProperties", "checksums"}
+
+
+def test_no_main_window_is_survived():
+    """`--no-main-window` (WITH_GENERIC_TESTS): slicer.util.mainWindow() is None; every use is guarded."""
+    for path in (MODULE, EFFECT, ROOT / "ENSAMTraining" / "ENSAMTraining.py",
+                 ROOT / "ENSAMSegment" / "ENSAMSegmentLib" / "slicerui" / "promptpanel.py"):
+        for line in path.read_text().splitlines():
+            if "mainWindow()." in line:
+                pytest.fail(f"{path.name}: mainWindow() used without a None check: {line.strip()}")

@@ -7,6 +7,12 @@ parameter node (a vtkMRMLSegmentEditorNode) supplies the masking and overwrite s
 write, and scriptedEffect.saveStateForUndo() runs before every change, so the editor's own undo
 (Z / Ctrl+Z) restores the segmentation too. The effect's Undo (U) also steps the prompts back.
 
+The model runs in the application's worker process for the source volume, the same one the module
+uses for that volume (slicerui/sessions.py); the effect's prompt nodes are its own ("ENSAM editor ...").
+Nothing is built before the Python packages are there (torch, MONAI, scipy): the editor calls
+updateGUIFromMRML before activate(). The worker is released when the scene closes and in cleanup()
+(which Slicer calls from 5.10 on, when the editor widget goes), and ends with the application anyway.
+
 Imports are absolute (ENSAMSegmentLib.…): Slicer may load this file by path.
 """
 
@@ -18,7 +24,7 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from ENSAMSegmentLib.mrml.promptcontroller import ACTIONS, DEFAULT_MODEL, DEVICES, model_choices
+from ENSAMSegmentLib.mrml.actions import ACTIONS, DEFAULT_MODEL, DEVICES, PROMPT_NAMES, model_choices
 
 EFFECT_NAME = "ENSAM"
 ICON = Path(__file__).parents[1] / "Resources" / "Icons" / "SegmentEditorENSAM.png"
@@ -43,6 +49,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.controller = None
         self.panel = None
         self._syncingToEditor = False
+        self._ready = None  # Slicer version and Python packages checked (None: not yet)
+        self._sceneObservation = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -59,8 +67,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (
             "<html>Segment the selected structure with <b>ENSAM</b>: draw a 3D box around it, then add "
             "foreground (+) or background (-) clicks; the segment updates after every prompt. "
-            "The source volume is encoded once. Writes follow the masking settings below (editable "
-            f"area, intensity range, overwrite). Keys: {keys}.</html>"
+            "The source volume is encoded once. A box drawn in one slice is as deep as the mean of its width "
+            "and height. Writes follow the masking settings below (editable "
+            f"area, intensity range, overwrite). Keys while the effect is active: {keys}.</html>"
         )
 
     # -- options -------------------------------------------------------------------------------
@@ -92,7 +101,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar = qt.QProgressBar()
         self.progressBar.minimum, self.progressBar.maximum = 0, 0  # busy indicator
         self.progressBar.format = "Encoding the image..."
-        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.toolTip = "Stop encoding the image (a box or click encodes it again)."
+        self.cancelButton.visible = False
+        progressRow = qt.QHBoxLayout()
+        progressRow.addWidget(self.progressBar)
+        progressRow.addWidget(self.cancelButton)
+        self.scriptedEffect.addOptionsWidget(progressRow)
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
@@ -103,7 +118,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.installButton.visible = False
         self.scriptedEffect.addOptionsWidget(self.installButton)
 
-        self.panel = PromptPanel(buttons, self.statusLabel, self.timingLabel, self.progressBar)
+        self.panel = PromptPanel(buttons, self.statusLabel, self.timingLabel, self.progressBar, self.cancelButton)
         self.modelComboBox.connect("activated(int)", self.updateMRMLFromGUI)
         self.deviceComboBox.connect("activated(int)", self.updateMRMLFromGUI)
         self.installButton.connect("clicked()", self.onInstallDependencies)
@@ -115,7 +130,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateGUIFromMRML(self):
         _selectData(self.modelComboBox, self.scriptedEffect.parameter("ModelPath"))
         _selectText(self.deviceComboBox, self.scriptedEffect.parameter("Device"))
-        if self.scriptedEffect.active() and not self._syncingToEditor:
+        if self.scriptedEffect.active() and not self._syncingToEditor and self._readyToRun():
             self._syncController()
 
     def updateMRMLFromGUI(self, *unused):
@@ -127,10 +142,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     # -- life cycle ----------------------------------------------------------------------------
 
     def activate(self):
-        if not self._dependenciesReady():
+        if not self._readyToRun():
             return
         self._syncController()
-        self.panel.install_shortcuts()
+        self.panel.install_shortcuts()  # the effect's keys exist only while it is active
 
     def deactivate(self):
         if self.panel is not None:
@@ -139,6 +154,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.controller.stop_tool()
 
     def cleanup(self):
+        """Called by Slicer (5.10 and later) when the editor widget goes: observers and the worker go too."""
+        self._unobserveScene()
         if self.panel is not None:
             self.panel.cleanup()
         if self.controller is not None:
@@ -146,7 +163,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.controller = None
 
     def sourceVolumeNodeChanged(self):
-        if self.scriptedEffect.active():
+        if self.scriptedEffect.active() and self._readyToRun():
             self._syncController()
 
     def masterVolumeNodeChanged(self):  # Slicer before 5.2
@@ -161,7 +178,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.scriptedEffect.selectEffect("")
 
     def createCursor(self, widget):
-        return slicer.util.mainWindow().cursor  # the markups place cursor shows when placing
+        mainWindow = slicer.util.mainWindow()  # None with --no-main-window
+        return mainWindow.cursor if mainWindow is not None else qt.QCursor()  # the place cursor shows when placing
 
     # -- controller ----------------------------------------------------------------------------
 
@@ -173,11 +191,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if editor is None:
             return
         if self.controller is None:
+            from ENSAMSegmentLib.slicerui.sessions import shared_pool
+
             self.controller = PromptController(
                 slicer.mrmlScene, slicer.app.applicationLogic(), wake=self.panel.wake,
                 on_change=self._onControllerChanged, editor_node=editor,
-                before_change=self.scriptedEffect.saveStateForUndo)
+                before_change=self.scriptedEffect.saveStateForUndo, pool=shared_pool(),
+                prompt_name=PROMPT_NAMES["effect"])
             self.panel.set_controller(self.controller)
+            self._observeScene()
         self.controller.editor_node = editor
         try:
             self.controller.set_model(self.scriptedEffect.parameter("ModelPath"),
@@ -203,20 +225,45 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.panel is not None:
             self.panel.refresh()
 
-    def _dependenciesReady(self):
+    def _readyToRun(self):
+        """This Slicer is recent enough and torch, MONAI and scipy are there (checked until they are: after
+        that once). Nothing builds a session before: without torch the editor's every change would fail."""
         from ENSAMSegmentLib.slicerui import dependencies
 
-        ready = dependencies.current_plan().satisfied
-        self.installButton.visible = not ready
-        if not ready:
+        if self._ready:
+            return True
+        problem = dependencies.slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+        plan = dependencies.current_plan() if not problem else None
+        self._ready = not problem and plan.satisfied
+        self.installButton.visible = not problem and not self._ready
+        if problem:
+            self.statusLabel.text = problem
+        elif not self._ready:
             self.statusLabel.text = "ENSAM needs more Python packages: press 'Install dependencies...'."
-        return ready
+        return self._ready
 
     def onInstallDependencies(self):
         from ENSAMSegmentLib.slicerui import dependencies
 
-        if dependencies.ensure_dependencies() and self._dependenciesReady() and self.scriptedEffect.active():
+        if dependencies.ensure_dependencies() and self._readyToRun() and self.scriptedEffect.active():
             self.activate()
+
+    def _observeScene(self):
+        """The scene closes: release the worker of the volume (the effect may never be deactivated first)."""
+        if self._sceneObservation is None:
+            tag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self._onSceneStartClose)
+            self._sceneObservation = (slicer.mrmlScene, tag)
+
+    def _unobserveScene(self):
+        if self._sceneObservation is not None:
+            scene, tag = self._sceneObservation
+            scene.RemoveObserver(tag)
+            self._sceneObservation = None
+
+    def _onSceneStartClose(self, caller=None, event=None):
+        if self.controller is not None:
+            self.controller.set_volume(None)
+            self.controller.set_target(None, None)
 
 
 def _sourceVolume(editor):

@@ -122,9 +122,13 @@ def run_train(args) -> int:
         print("ensam train: the architecture comes from --init-model; ignoring --model-config/--position-encoding",
               file=sys.stderr)
     from .data import DataError
+    from .runlock import RunLock, RunLockedError
 
     progress = ProgressStream(args.progress_json if _rank() == 0 else None)
+    lock = RunLock(args.out) if _rank() == 0 else None  # one training process per run folder (runlock.py)
     try:
+        if lock is not None:
+            lock.acquire()
         if args.resume:
             ignored = sorted(k for k in given if k not in RESUME_OVERRIDES and k != "out")
             if ignored:
@@ -134,11 +138,13 @@ def run_train(args) -> int:
             if not args.data and not args.synthetic:
                 raise TrainingError("--data or --synthetic is required (unless --resume)")
             result = train(TrainConfig(**{"data": "", **given}), progress)
-    except (TrainingError, DataError) as error:
+    except (TrainingError, DataError, RunLockedError) as error:
         progress.emit("error", message=str(error), type=type(error).__name__)
         raise _user_error(str(error)) from None
     finally:
         progress.close()
+        if lock is not None:
+            lock.release()
     if result.status == "interrupted":
         print(f"ensam train: interrupted; continue with: ensam train --out {args.out} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

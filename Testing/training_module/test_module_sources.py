@@ -78,13 +78,25 @@ def test_self_test_runs_the_shared_scenarios_and_is_registered():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
 
 
-def test_close_guard_and_cleanup_stop_the_run():
+def test_closing_slicer_stops_the_run_only_after_every_confirmation_and_nothing_waits():
+    """The close guard only asks (Slicer's own confirmation comes after it and may still cancel the close);
+    the run is asked to stop at aboutToQuit and in cleanup(); nothing waits for it on the GUI thread."""
     text = MODULE.read_text()
-    assert "installEventFilter(self.closeGuard)" in text and 'slicer.app.connect("aboutToQuit()"' in text
+    assert "installEventFilter(self.closeGuard)" in text and 'slicer.app.connect("aboutToQuit()", self.onAboutToQuit)' in text
     assert "qt.QEvent.Close" in text and "event.ignore()" in text
-    cleanup = ast.unparse(next(f for f in class_body("ENSAMTrainingWidget")
-                               if isinstance(f, ast.FunctionDef) and f.name == "cleanup"))
-    assert "stop_and_wait" in cleanup and "removeEventFilter" in cleanup
+    widget = {f.name: ast.unparse(f) for f in class_body("ENSAMTrainingWidget") if isinstance(f, ast.FunctionDef)}
+    assert set(re.findall(r"controller\.(\w+)", widget["confirmClose"])) == {"busy"}  # it asks, it does nothing
+    for name in ("onAboutToQuit", "cleanup"):
+        assert "request_stop()" in widget[name], name
+    assert "removeEventFilter" in widget["cleanup"]
+    assert "stop_and_wait" not in text and "STOP_TIMEOUT" not in text and ".wait(" not in text
+
+
+def test_parameter_annotations_are_all_used():
+    """Decimals / SingleStep on a field the .ui's spin box already sets made Slicer log 'Unused annotations'."""
+    fields = "\n".join(ast.unparse(n) for n in class_body("ENSAMTrainingParameterNode") if isinstance(n, ast.AnnAssign))
+    assert "Decimals" not in fields and "SingleStep" not in fields
+    assert "Decimals" not in MODULE.read_text() and "SingleStep" not in MODULE.read_text()
 
 
 def test_module_logic_imports_without_torch():

@@ -149,7 +149,7 @@ class WorkerServer:
 
 def _model_summary(info) -> dict:
     return {"path": None if info.path is None else str(info.path), "training_data": info.training_data,
-            "parameters": info.parameters}
+            "parameters": info.parameters, "created": info.created, "untrained": info.untrained}
 
 
 def main(argv=None) -> int:

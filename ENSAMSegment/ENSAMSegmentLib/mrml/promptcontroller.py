@@ -106,6 +106,21 @@ class PromptController(PromptNodes):
     def encoding(self) -> bool:
         return any(job.kind == "image" for job in self._jobs)
 
+    @property
+    def model_summary(self) -> str:
+        """One line about the model in use, as its session reports it ("" until the session has it)."""
+        info = getattr(self.session, "model_info", None)
+        if info is None:
+            return ""
+        if not isinstance(info, dict):  # an in-process session's ModelInfo
+            info = {"parameters": info.parameters, "training_data": info.training_data, "created": info.created,
+                    "untrained": info.untrained}
+        text = f"{info['parameters'] / 1e6:.2f} M parameters, trained on: {info.get('training_data') or 'unknown'}"
+        text += f", created {info['created'][:10]}" if info.get("created") else ""
+        text += " (untrained: its segmentations mean nothing)" if info.get("untrained") else ""
+        device = getattr(self.session, "device_name", "")
+        return text + (f"; runs on {device}" if device else "")
+
     def object_for_segment(self, segment_id: str) -> int | None:
         """The session object id behind a segment (None: no ENSAM prompts for it yet)."""
         return self._objects.get(segment_id)

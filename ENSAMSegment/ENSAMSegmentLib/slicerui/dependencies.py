@@ -47,6 +47,21 @@ ALL_REQUIREMENTS = (TORCH, *PIP_PACKAGES, *BUNDLED)
 
 UNKNOWN_VERSION = "unknown"  # importable, but no version found: accepted
 
+# The oldest Slicer the modules run on: the Segment Editor logic they write through
+# (vtkSlicerSegmentEditorLogic, mrml/segments.py) first exists in Slicer 5.10 (absent in 5.8.1), and the
+# effect's cleanup() is called from 5.10 on. 5.10 ships Python 3.12, so Slicer 5.8's Python 3.9 is moot.
+MINIMUM_SLICER = (5, 10)
+
+
+def slicer_version_problem(major: int, minor: int) -> str:
+    """Why this Slicer cannot run ENSAM ("" when it can): what the module and effect show instead."""
+    if (int(major), int(minor)) >= MINIMUM_SLICER:
+        return ""
+    need = ".".join(map(str, MINIMUM_SLICER))
+    return (f"ENSAM needs 3D Slicer {need} or newer; this is Slicer {major}.{minor}. "
+            f"Install Slicer {need} or later from download.slicer.org (the extension for it comes from its "
+            "Extensions Manager).")
+
 
 class DependencyError(RuntimeError):
     """A dependency cannot be installed from here (a bundled package is missing or too old)."""

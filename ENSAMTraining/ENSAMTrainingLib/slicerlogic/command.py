@@ -1,10 +1,11 @@
 """Command lines of `ensam train` and `ensam coreset` run by Slicer's Python, and the checks before.
 
-Inside Slicer the child runs ``PythonSlicer -m ENSAMSegmentLib.cli.main ...`` (the interpreter of
-Slicer's Python environment, where torch and MONAI are installed); elsewhere ``sys.executable``.
-The extension's Lib packages are not on that interpreter's path by default (Slicer adds its
-module folders to sys.path of the application only), so the child's PYTHONPATH starts with the
-folders that hold ENSAMSegmentLib and ENSAMTrainingLib.
+Inside Slicer the child runs ``python-real -m ENSAMSegmentLib.cli.main ...``: Slicer's real interpreter
+(where torch and MONAI are installed), not the PythonSlicer launcher, whose child would be out of reach
+of Stop (ENSAMSegmentLib/core/interpreter.py); elsewhere ``sys.executable``. The extension's Lib packages
+are not on that interpreter's path by default (Slicer adds its module folders to sys.path of the
+application only), so the child's PYTHONPATH starts with the folders that hold ENSAMSegmentLib and
+ENSAMTrainingLib.
 
 A training run writes its progress events to RUN_DIR/progress.jsonl (``--progress-json``) and its
 stdout and stderr to RUN_DIR/train.log: files, so that reading them never blocks, a pipe never
@@ -18,11 +19,12 @@ this torch does not have), `coreset_problem` (a coreset that leaves a dataset wi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ENSAMSegmentLib.core.interpreter import child_environment as interpreter_child_environment
+from ENSAMSegmentLib.core.interpreter import package_folders as interpreter_package_folders
+from ENSAMSegmentLib.core.interpreter import python_interpreter
 
 DEFAULT_VOXEL_BUDGET = 4_194_304  # = ENSAMTrainingLib.data.DEFAULT_VOXEL_BUDGET (that module imports torch)
 DEFAULT_EPOCHS = 15  # = TrainConfig.epochs
@@ -39,39 +41,18 @@ class SetupError(Exception):
 
 
 def python_executable() -> str:
-    """Slicer's `PythonSlicer` inside the Slicer application (slicer.app exists), else sys.executable.
-
-    In Slicer, sys.executable need not be a plain Python interpreter; PythonSlicer is the one
-    ``slicer.util.pip_install`` uses, and Slicer puts it on PATH.
-    """
-    slicer = sys.modules.get("slicer")
-    if slicer is not None and getattr(slicer, "app", None) is not None:
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
+    """The interpreter the children run on: python-real inside Slicer (core/interpreter.py), else sys.executable."""
+    return python_interpreter()
 
 
 def package_folders() -> list[str]:
     """The folders holding ENSAMSegmentLib and ENSAMTrainingLib (their parents), without duplicates."""
-    import ENSAMSegmentLib
-    import ENSAMTrainingLib
-
-    folders = []
-    for package in (ENSAMSegmentLib, ENSAMTrainingLib):
-        folder = str(Path(package.__file__).resolve().parents[1])
-        if folder not in folders:
-            folders.append(folder)
-    return folders
+    return interpreter_package_folders(("ENSAMSegmentLib", "ENSAMTrainingLib"))
 
 
 def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default os.environ) with PYTHONPATH starting with `package_folders` and unbuffered output."""
-    env = dict(os.environ if base is None else base)
-    paths = package_folders() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return interpreter_child_environment(base, package_folders())
 
 
 def _flags(options: dict[str, object]) -> list[str]:

@@ -3,7 +3,7 @@
     start_coreset(...)  -> `ensam coreset` in a child process; when done: report, tables, problem
     start_training(...) -> `ensam train` in a child process (checked first: data, device, model, coreset)
     train_on_scene(...) -> export the scene's segmentations (sceneexport), then fine-tune on them
-    request_stop()      -> the run checkpoints and exits; resume() continues it
+    request_stop()      -> the run checkpoints and exits; resume() continues it (never waits; poll() says when)
     poll()              -> reads the children's output, updates the table and plot nodes; never blocks
     install_model(...)  -> the finished model into the folder ENSAMSegment lists
 
@@ -149,6 +149,7 @@ class TrainingController:
         if settings.cases is not None and self.coreset is not None and settings.cases == self.coreset.list_path:
             if not self.coreset.usable:
                 raise SetupError(f"cannot train on this coreset: {self.coreset.problem or self.coreset.error}")
+        _check_not_in_use(settings.run_dir)
         if runs.run_status(settings.run_dir) != runs.EMPTY:
             raise SetupError(f"{settings.run_dir} already holds a run: resume it, or start a new one")
         return self._start(train_command(settings, python=self.python))
@@ -160,6 +161,7 @@ class TrainingController:
             if self.training is None:
                 raise SetupError("no run to resume: choose its folder")
             run_dir = self.training.command.run_dir
+        _check_not_in_use(run_dir)
         if runs.run_status(run_dir) == runs.FINISHED:
             raise SetupError(f"the run in {run_dir} has finished already")
         if device:
@@ -237,6 +239,16 @@ class TrainingController:
         path = install_model(self.finished_model, name, self.models_folder)
         self.message = f"Installed {path.name}: ENSAM Segment offers it as '{path.stem}'."
         return path
+
+
+def _check_not_in_use(run_dir) -> None:
+    """SetupError while a training process (of this Slicer, an earlier one, or a terminal) holds the folder."""
+    from ..runlock import holder
+
+    info = holder(run_dir)
+    if info is not None:
+        raise SetupError(f"{run_dir} is in use by a training process that is still running ({info.describe()}): "
+                         "wait until it has stopped (Stop asks it to), then Resume")
 
 
 def _check_start_model(path) -> None:

@@ -7,11 +7,17 @@ parsed by progressparser), Stop and the final verdict:
 
     start() -> poll() ... poll() -> state in FINISHED / INTERRUPTED / STOPPED / FAILED, message
 
-Stop (`request_stop`) sends SIGINT: `ensam train` finishes the current accumulation group,
-writes a checkpoint and exits with code 3 (state INTERRUPTED; `resume_command` continues). A
-second request (or `kill`) ends it at once; the last checkpoint stays. On Windows a console
-process cannot be sent SIGINT by another process; there Stop terminates the child and the run
-continues from its last periodic or epoch checkpoint.
+Every child starts in a process group of its own (a new session on POSIX) and runs on the real
+interpreter (python-real inside Slicer, not the PythonSlicer launcher, which forwards no signal:
+ENSAMSegmentLib/core/interpreter.py). Stop (`request_stop`) sends SIGINT to that whole group:
+`ensam train` finishes the current accumulation group, writes a checkpoint and exits with code 3
+(state INTERRUPTED; `resume_command` continues); its DataLoader workers ignore SIGINT
+(trainer._ignore_stop_signals). A second request (or `kill`) sends SIGKILL to the whole group; the
+last checkpoint stays. When the main process has ended, whatever is left of its group is killed: Stop
+ends the whole process tree. On Windows a console process cannot be sent SIGINT by another process;
+there Stop terminates the child and `kill` ends the tree (taskkill /T); the run continues from its last
+periodic or epoch checkpoint. The run folder's lock (ENSAMTrainingLib/runlock.py, taken by `ensam train`)
+refuses a second run in the same folder while any process of the first lives.
 
 The verdict trusts nothing half-written: a run counts as FINISHED only when the process exited
 with 0, its stream ended with "done"/"finished", and the model file it names reads as a
@@ -26,6 +32,8 @@ import subprocess
 import time
 from collections import deque
 from pathlib import Path
+
+from ENSAMSegmentLib.core.interpreter import new_group_options
 
 from .command import TrainCommand
 from .progressparser import FAILED, FINISHED, INTERRUPTED, STOPPED, WAITING, ProgressParser
@@ -95,12 +103,9 @@ class BackgroundCommand:
             raise RuntimeError("this command was started already")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        kwargs = {}
-        if os.name == "nt":  # no console window; its own group so that Ctrl-C in Slicer's console spares it
-            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log:  # a group of its own: signals reach the whole tree, Ctrl-C spares it
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.env, cwd=self.cwd, **kwargs)
+                                            env=self.env, cwd=self.cwd, **new_group_options())
 
     @property
     def pid(self) -> int | None:
@@ -150,10 +155,31 @@ class BackgroundCommand:
         return True
 
     def kill(self) -> None:
-        """End the process at once (no checkpoint) and reap it."""
-        if self.running:
-            self.process.kill()
-            self.process.wait()
+        """End the process and every process of its group at once (no checkpoint), and reap it."""
+        if self.process is None:
+            return
+        if os.name == "nt":
+            if self.running:  # the whole tree: the DataLoader workers too
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
+                if self.running:
+                    self.process.kill()
+        else:
+            self.signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def signal_group(self, signum) -> bool:
+        """Send `signum` to the child's process group (POSIX); False when the group is gone."""
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def end_leftovers(self) -> None:
+        """The main process has ended: kill what remains of its group (POSIX; DataLoader workers, a child
+        python-real of a launcher). Called once, right after the main process was reaped."""
+        if os.name != "nt" and self.process is not None and self.process.poll() is not None:
+            self.signal_group(signal.SIGKILL)
 
 
 class TrainingProcess(BackgroundCommand):
@@ -188,6 +214,7 @@ class TrainingProcess(BackgroundCommand):
         lines = super().poll()
         self.events += len(self.parser.feed(self._stream.read()))
         if ended and not self._finished:
+            self.end_leftovers()
             self.events += len(self.parser.finish())
             self._finished = True
             self._decide(self.process.returncode)
@@ -212,7 +239,7 @@ class TrainingProcess(BackgroundCommand):
         elif os.name == "nt":
             self.process.terminate()
         else:
-            self.process.send_signal(signal.SIGINT)
+            self.signal_group(signal.SIGINT)
         self.state = STOPPING
         self.message = "Stopping: finishing the current step and writing a checkpoint..."
 
