@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     add_click_window_argument(parser)
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the untimed pass comparing windowed clicks with clicks decoded over the box region")
+    parser.add_argument("--worker", action="store_true",
+                        help="also run the clicks through the inference worker process the Slicer module uses and "
+                             "report what the process boundary costs per click (evaluation/boundary.py)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave malloc as it is (default: keep freed memory for reuse, as the inference worker does)")
     parser.set_defaults(func=run)
@@ -64,7 +67,8 @@ def run(args) -> int:
         report = run_benchmark(shape, args.device, args.repeats, args.warmup,
                                args.checkpoint, growcut=not args.no_growcut, progress=progress,
                                precision=args.precision, click_window=args.click_window,
-                               agreement=not args.no_agreement, tune_malloc=not args.system_malloc)
+                               agreement=not args.no_agreement, tune_malloc=not args.system_malloc,
+                               worker=args.worker)
     except (BenchmarkError, SessionError, GrowCutError) as error:
         raise UserError(str(error)) from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))

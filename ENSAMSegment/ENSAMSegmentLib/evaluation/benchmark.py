@@ -351,7 +351,8 @@ def _tag(i: int, warmup: int) -> str:
 
 def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, warmup: int = 1,
                   checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
-                  click_window: int | None = None, agreement: bool = True, tune_malloc: bool = True) -> dict:
+                  click_window: int | None = None, agreement: bool = True, tune_malloc: bool = True,
+                  worker: bool = False) -> dict:
     """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
     import torch
 
@@ -385,6 +386,12 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
     del session  # and its embeddings, before the agreement pass encodes the image again
     agreement = (window_agreement(model, scenario, torch_device, precision, ensam["first_click_masks"], progress)
                  if click_window and agreement else None)
+    boundary = None
+    if worker:  # the same clicks through the worker process the Slicer module uses (boundary.py)
+        from .boundary import bench_boundary
+
+        boundary = bench_boundary(model, model_info, scenario, repeats, warmup, torch_device, precision,
+                                  click_window, progress)
     grow = bench_growcut(scenario, repeats, warmup, progress) if growcut else None
 
     s = {k: stats(v) for k, v in ensam["samples"].items()}
@@ -417,6 +424,7 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
                     **({f"growcut_{k}": v for k, v in grow["samples"].items()} if grow else {})},
     }
     report.update(ratios(report))
+    report["process_boundary"] = boundary
     report["targets"] = targets(report)
     return report
 
@@ -507,6 +515,10 @@ def format_report(r: dict) -> str:
     lines.append(f"  peak memory: RSS {rss} (process high-water mark after ENSAM)"
                  + (f", CUDA max allocated {r['cuda_max_memory_allocated_mb']:.0f} MB"
                     if r["cuda_max_memory_allocated_mb"] is not None else ""))
+    if r.get("process_boundary"):
+        from .boundary import format_boundary
+
+        lines += format_boundary(r["process_boundary"])
     t = r["targets"]
     yes = {True: "met", False: "MISSED", None: "n/a"}
     if t["applies"]:
