@@ -73,6 +73,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="visit every --data case and --synthetic label map K times an epoch (1)")
     p.add_argument("--out", "-o", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--export", metavar="MODEL", help="write the latest checkpoint of the run in --out as a model "
+                   "file MODEL (also of a run stopped early) and exit")
+    p.add_argument("--fp16", action="store_true", help="with --export: half-precision weights (half the size)")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 15)")
     p.add_argument("--voxel-budget", type=_positive_int, help=f"largest patch in voxels (default {DEFAULT_VOXEL_BUDGET})")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
@@ -105,6 +108,20 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _export(args) -> int:
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .trainer import export_model
+
+    try:
+        path = export_model(args.out, args.export, torch.float16 if args.fp16 else None)
+    except (CheckpointError, OSError) as error:
+        raise _user_error(f"cannot export {args.out}: {error}") from None
+    print(f"wrote {path}")
+    return 0
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -113,7 +130,10 @@ def run_train(args) -> int:
     from .progress import ProgressStream
     from .trainer import EXIT_INTERRUPTED, RESUME_OVERRIDES, TrainConfig, TrainingError, resume, train
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "resume")}
+    if args.export:
+        return _export(args)
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("func", "command", "resume", "export", "fp16")}
     if args.position_encoding:
         model_config = dict(given.pop("model_config", {}) or {})
         model_config["position_encoding"] = given.pop("position_encoding")

@@ -584,24 +584,39 @@ class Trainer:
     def _finish(self) -> TrainResult:
         model_path = self.out / "model.pt"
         if self.main:
-            from ENSAMSegmentLib.core.modelfile import save_model
-
-            save_model(
-                model_path,
-                self.model,
-                training_data=f"{len(self.train_cases)} cases from {self.config.data}",
-                metrics=self.last_val,
-                notes=(
-                    f"ensam train: {self.config.epochs} epochs, {self.step} steps, optimizer {self.config.optimizer}, "
-                    f"voxel budget {self.config.voxel_budget}, seed {self.config.seed}"
-                ),
-            )
+            export_model(self._checkpoint_state(), model_path, cases=len(self.train_cases))
             self.progress.emit(
                 "done", status="finished", model=model_path, checkpoint=self.checkpoint_path, epoch=self.epoch,
                 step=self.step,
             )
         dist_utils.barrier(self.info)
         return TrainResult("finished", self.out, model_path, self.checkpoint_path, self.epoch, self.step, self.last_val)
+
+
+def export_model(state: dict | str | Path, path: str | Path, dtype: torch.dtype | None = None,
+                 cases: int | None = None) -> Path:
+    """Write a model file (modelfile.save_model) from a training state: the trainer's, or a run folder's
+    checkpoint (a run stopped early is usable too). Metadata: the data (`cases` training cases; from a
+    run folder, those of its cases_train.txt), the run's progress and its latest validation.
+    dtype torch.float16: half-size weights (shipping, or files to carry back)."""
+    from ENSAMSegmentLib.core.modelfile import save_model
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
+
+    if not isinstance(state, dict):
+        folder = Path(state)
+        state = load_checkpoint(folder / "checkpoint.pt" if folder.is_dir() else folder)
+        listed = (folder if folder.is_dir() else folder.parent) / "cases_train.txt"
+        if cases is None and listed.is_file():
+            cases = len(listed.read_text().splitlines())
+    config = TrainConfig.from_dict(state["config"])
+    model = ENSAM(ENSAMConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    data = " + ".join(str(d) for d in (config.data, config.synthetic) if d)
+    data = f"{cases} cases from {data}" if cases is not None else data
+    notes = (f"ensam train: epoch {state['epoch']} of {config.epochs}, {state['step']} steps, {state['samples']} samples, "
+             f"{state['elapsed_s'] / 3600:.2f} h, optimizer {config.optimizer}, voxel budget {config.voxel_budget}, "
+             f"seed {config.seed}")
+    return save_model(path, model, training_data=data, metrics=state.get("last_val"), notes=notes, dtype=dtype)
 
 
 def train(config: TrainConfig, progress: ProgressStream | None = None) -> TrainResult:

@@ -195,3 +195,20 @@ def test_bad_input(tmp_path, four_cases, capsys):
     assert "error: none of the 3 training cases can be used: " in run.stderr
     assert "a_background: labels all background" in run.stderr and "b_mismatch: mismatched shapes" in run.stderr
     assert read_events(progress)[-1]["event"] == "error"
+
+
+def test_export_a_stopped_run_as_a_model_file(four_cases, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(four_cases, out, stop_after=2))
+    assert not (out / "model.pt").exists()  # stopped early: only the checkpoint
+    assert main(["train", "--out", str(out), "--export", str(tmp_path / "m16.pt"), "--fp16"]) == 0
+    assert main(["train", "--out", str(out), "--export", str(tmp_path / "m32.pt")]) == 0
+    (m16, info), (m32, _) = load_model(tmp_path / "m16.pt"), load_model(tmp_path / "m32.pt")
+    assert (tmp_path / "m16.pt").stat().st_size < 0.6 * (tmp_path / "m32.pt").stat().st_size
+    expected = parameters(out)  # the checkpoint's weights
+    for key, value in m32.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+        torch.testing.assert_close(m16.state_dict()[key], value, rtol=1e-3, atol=1e-3)
+    assert "2 steps, 4 samples" in info.notes and str(four_cases) in info.training_data
+    assert main(["train", "--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
