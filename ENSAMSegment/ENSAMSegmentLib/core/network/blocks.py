@@ -192,13 +192,16 @@ class Decoder(nn.Module):
 # full-resolution tensors, and a slab's convolution output stays under glibc's largest mmap threshold
 # (32 MB), so it is reused from the heap instead of being mapped, zero-filled and unmapped every layer.
 
-STREAM_BYTES = 64 * 2**20  # a block whose input is larger streams (CPU, no autograd)
+STREAM_BYTES = 64 * 2**20  # a block whose fp32 input is larger streams (CPU, no autograd)
 SLAB_BYTES = 24 * 2**20  # about what one slab of the block's widest tensor holds
 ONEDNN_MIN_NCDH = 20481  # PyTorch hands fp32 convolutions with a smaller N*C*D*H to its slow native kernel
 
 
 def streams(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() * x.element_size() > STREAM_BYTES
+    """fp32 only: in bf16 (native-bf16 CPUs) tensors are half the size, and the slab-wise GroupNorm,
+    its fp32 statistics and the per-slab conversions made the encoder 1.5x slower (measured)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.numel() * x.element_size() > STREAM_BYTES)
 
 
 def slabs_of(x: torch.Tensor, widest: int, narrowest: int) -> list[tuple[int, int]]:
