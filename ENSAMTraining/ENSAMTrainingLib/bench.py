@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Sample, find_cases, samples_per_rank
+from .cases import find_cases
+from .data import Sample, samples_per_rank
 from .logs import read_csv
 from .plots import plot_curves
 

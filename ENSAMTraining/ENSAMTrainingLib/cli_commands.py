@@ -141,7 +141,7 @@ def run_train(args) -> int:
     if given.get("init_model") and given.get("model_config"):
         print("ensam train: the architecture comes from --init-model; ignoring --model-config/--position-encoding",
               file=sys.stderr)
-    from .data import DataError
+    from .cases import DataError
     from .runlock import RunLock, RunLockedError
 
     progress = ProgressStream(args.progress_json if _rank() == 0 else None)
@@ -199,7 +199,7 @@ def add_coreset_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_coreset(args) -> int:
     from .coreset import select_coreset, write_coreset
-    from .data import DataError
+    from .cases import DataError
 
     try:
         result = select_coreset(args.data, args.fraction, args.max_cases, args.exclude, args.seed, args.workers)

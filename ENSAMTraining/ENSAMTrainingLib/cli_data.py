@@ -41,7 +41,7 @@ def _user_error(message: str) -> Exception:
 
 
 def run_fetch(args) -> int:
-    from .data import DataError  # imports torch: only when the command runs
+    from .cases import DataError  # imports torch: only when the command runs
     from .datasources import default_cache, fetch
 
     cache = args.cache or default_cache()
@@ -54,7 +54,7 @@ def run_fetch(args) -> int:
 
 
 def run_prepare(args) -> int:
-    from .data import DataError
+    from .cases import DataError
     from .dataprep import prepare
     from .datasources import default_cache
 

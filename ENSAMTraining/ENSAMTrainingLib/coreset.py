@@ -34,7 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CaseError, CaseRef, DataError, NoCasesError, case_key, check_arrays, find_cases, load_arrays
+from .cases import (
+    CaseError,
+    CaseRef,
+    DataError,
+    NoCasesError,
+    case_key,
+    check_arrays,
+    find_cases,
+    load_arrays,
+)
 
 MIN_GREY_LEVELS = 8
 MAX_SATURATED_FRACTION = 0.5

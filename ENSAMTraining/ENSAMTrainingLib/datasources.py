@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .data import DataError
+from .cases import DataError
 
 RESERVED: tuple[tuple[str, str], ...] = (
     # (package, pattern on the path inside its archive, top folder stripped)

@@ -54,22 +54,24 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .cases import (
+    CaseRef,
+    DataError,
+    NoCasesError,
+    find_cases,
+    find_label_maps,
+    mix_cases,
+    read_case_list,
+    write_case_list,
+)
 from .data import (
     CHALLENGE_BOX_PROBABILITY,
     DEFAULT_VOXEL_BUDGET,
     NO_BOX_PROBABILITY,
-    CaseRef,
-    DataError,
     EpochSampler,
-    NoCasesError,
     TrainingDataset,
-    find_cases,
-    find_label_maps,
     make_loader,
-    mix_cases,
-    read_case_list,
     samples_per_rank,
-    write_case_list,
 )
 from .logs import TRAIN_FIELDS, VAL_FIELDS, CsvLog, TensorBoard, val_row
 from .optim import SCALE_LR_FACTOR, make_optimizers, set_epoch_lr

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DEFAULT_VOXEL_BUDGET, CaseError, CaseRef, bounding_box, load_case, majority_pool, make_sample
+from .cases import CaseError, CaseRef, load_case
+from .data import DEFAULT_VOXEL_BUDGET, bounding_box, majority_pool, make_sample
 from .step import CLICKS, autocast_for, interact, prompts_for
 
 VAL_SEED_OFFSET = 99_991

@@ -16,7 +16,7 @@ from ENSAMTrainingLib.coreset import (
     select_coreset,
     write_coreset,
 )
-from ENSAMTrainingLib.data import NoCasesError, read_case_list
+from ENSAMTrainingLib.cases import NoCasesError, read_case_list
 
 
 def overflow_labels():

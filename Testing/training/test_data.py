@@ -11,19 +11,15 @@ import torch
 from conftest import SHAPE, write_case, write_pair
 
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
-from ENSAMTrainingLib.data import (
+from ENSAMTrainingLib.cases import (
     CaseError,
-    EpochSampler,
     NoCasesError,
-    TrainingDataset,
-    augment_intensity,
     find_cases,
     load_case,
-    make_sample,
-    pool_factors,
     read_case_list,
     write_case_list,
 )
+from ENSAMTrainingLib.data import EpochSampler, TrainingDataset, augment_intensity, make_sample, pool_factors
 
 
 def test_flat_and_nested_npz_names(tmp_path, npz_dataset):

@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 
 from ENSAMTrainingLib import dataprep, datasources
-from ENSAMTrainingLib.data import find_cases
+from ENSAMTrainingLib.cases import find_cases
 from ENSAMTrainingLib.dataprep import BODY_DEV_GROUPS, BRAIN_DEV_SETS
 from ENSAMTrainingLib.datasources import SOURCES, ReservedDataError, Source, check_allowed, extract, fetch, is_reserved
 

@@ -11,7 +11,8 @@ from conftest import TINY_BUDGET, TINY_MODEL
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 from ENSAMSegmentLib.core.simulation import box_dict_to_3d, challenge_boxes
 from ENSAMTrainingLib.bench import run_prompt_use
-from ENSAMTrainingLib.data import CaseRef, find_cases, majority_pool, max_pool, training_box
+from ENSAMTrainingLib.cases import CaseRef, find_cases
+from ENSAMTrainingLib.data import majority_pool, max_pool, training_box
 from ENSAMTrainingLib.step import InteractiveStep, interact
 from ENSAMTrainingLib.validation import shifted_box, validate
 
@@ -56,7 +57,8 @@ def test_an_interaction_that_changes_nothing_ends_after_that_click():
 
 
 def test_grad_clicks_keeps_graphs_for_the_box_step_and_that_many_clicks(four_cases):
-    from ENSAMTrainingLib.data import load_case, make_sample
+    from ENSAMTrainingLib.cases import load_case
+    from ENSAMTrainingLib.data import make_sample
 
     torch.manual_seed(0)
     model = ENSAM(ENSAMConfig(**TINY_MODEL))

@@ -7,7 +7,8 @@ import torch
 from conftest import TINY_BUDGET, TINY_MODEL
 
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
-from ENSAMTrainingLib.data import find_cases, load_case, make_sample
+from ENSAMTrainingLib.cases import find_cases, load_case
+from ENSAMTrainingLib.data import make_sample
 from ENSAMTrainingLib.loss import segmentation_loss
 from ENSAMTrainingLib.step import InteractiveStep, interact
 

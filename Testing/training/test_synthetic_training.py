@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from conftest import TINY_BUDGET, TINY_MODEL
-from ENSAMTrainingLib.data import (
-    TrainingDataset,
+from ENSAMTrainingLib.cases import (
     find_cases,
     find_label_maps,
     load_case,
@@ -17,6 +16,7 @@ from ENSAMTrainingLib.data import (
     procedural_cases,
     with_synthesis,
 )
+from ENSAMTrainingLib.data import TrainingDataset
 
 BUDGET = 24 * 40 * 40
 

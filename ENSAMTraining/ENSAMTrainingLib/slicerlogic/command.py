@@ -229,7 +229,7 @@ class DataSummary:
 
 def check_data_folder(folder) -> DataSummary:
     """Cases under ``folder`` (data.find_cases); SetupError when there is nothing to train on."""
-    from ENSAMTrainingLib.data import DataError, find_cases
+    from ENSAMTrainingLib.cases import DataError, find_cases
 
     if folder is None or not str(folder).strip() or str(folder) == ".":
         raise SetupError("choose the folder with the training data first")

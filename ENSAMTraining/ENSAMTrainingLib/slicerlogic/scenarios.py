@@ -223,7 +223,7 @@ def scene_export_keeps_geometry(scene, work: Path) -> None:
            "empty segment not reported")
     expect(case.overlap_voxels == int((masks[0] & masks[2]).sum()) > 0, f"overlap {case.overlap_voxels}")
     expect_raises_export(export_scene, scene, work / "export")  # exists: never overwritten
-    from ENSAMTrainingLib.data import find_cases
+    from ENSAMTrainingLib.cases import find_cases
 
     found = find_cases(export.folder)
     expect([(c.dataset, c.modality) for c in found] == [("My_cases", "CT")], f"ensam train sees {found}")
