@@ -295,3 +295,39 @@ def test_children_run_on_python_real_beside_the_pythonslicer_launcher(tmp_path):
     assert python_interpreter(str(win / "PythonSlicer.exe")) == str(win / "python-real.exe")
     assert python_interpreter("/usr/bin/python3") == "/usr/bin/python3"
     assert python_interpreter() == sys.executable  # not in Slicer here
+
+
+def test_the_client_side_never_imports_torch(model_file):
+    """Slicer's process holds only the client: prompts, masks and replies without torch (or MONAI)."""
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from ENSAMSegmentLib.core.worker import WorkerSession
+        with WorkerSession({str(model_file)!r}, "cpu", torch_threads=1) as session:
+            session.set_image(np.random.default_rng(0).normal(0, 1, (16, 24, 24)).astype(np.float32))
+            update = session.add_box((2, 2, 2), (12, 20, 20), session.create_object())
+            assert update.mask.shape == (16, 24, 24) and session.merged_labels().shape == (16, 24, 24)
+        loaded = {{"torch", "monai"}} & set(sys.modules)
+        assert not loaded, loaded
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_environment(),
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "worker"])
+def test_a_known_identity_stands_in_for_hashing_the_image(kind, model_file, image):
+    """The prompt controller names the image (volume node, modification time): the same name again is the
+    same image (not encoded, objects kept) without hashing every byte; another name is a new image."""
+    session = (InferenceSession(model_path=model_file, device="cpu") if kind == "inprocess"
+               else WorkerSession(model_file, "cpu", torch_threads=1))
+    try:
+        first = session.set_image(image, identity=("volume1", 100))
+        oid = session.create_object()
+        again = session.set_image(image, identity=("volume1", 100))
+        assert first.encoded and not again.encoded and session.object_ids == (oid,)
+        changed = session.set_image(image, identity=("volume1", 101))  # modified since: encoded again
+        assert changed.encoded and session.object_ids == ()
+    finally:
+        session.close()

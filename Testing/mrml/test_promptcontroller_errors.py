@@ -281,3 +281,57 @@ def test_a_box_drawn_in_one_slice_gets_the_stated_depth(headless, pool, small_mo
     controller.wait()
     assert roi.GetSize() == size and "depth" not in controller.status
     controller.cleanup()
+
+
+def test_a_worker_that_cannot_start_is_said_once_not_restarted_forever(headless, small_model_file, tmp_path):
+    """An interpreter that dies at once (here /bin/false; in Slicer e.g. python-real without torch): the status
+    says the worker could not start, and nothing loops."""
+    from ENSAMSegmentLib.core.session_pool import SessionPool, worker_factory
+
+    if not os.path.exists("/bin/false"):
+        pytest.skip("needs /bin/false")
+    pool = SessionPool(worker_factory(python="/bin/false"))
+    volume, geometry = _volume(headless.scene)
+    controller = _controller(headless, pool, small_model_file, volume, wait=False)
+    controller.wait()
+    assert controller.status.startswith("Cannot start ENSAM: the ENSAM worker process could not start"), \
+        controller.status
+    assert "exited with code 1" in controller.status and controller.session is None
+    started = len(pool.sessions)
+    _place_box(controller, geometry)
+    assert controller.poll() is False and len(pool.sessions) == started  # no new worker until another choice
+    controller.cleanup()
+    pool.close_all()
+
+
+def test_a_worker_found_dead_while_idle_is_replaced_at_the_next_prompt(headless, worker_pool, small_model_file):
+    volume, geometry = _volume(headless.scene)
+    controller = _controller(headless, worker_pool, small_model_file, volume)
+    first = controller.session
+    os.kill(first.pid, signal.SIGKILL)  # nothing polls meanwhile: the controller is idle
+    first.process.wait(10)
+    _place_box(controller, geometry)
+    controller.wait(120)
+    assert controller.session is not first and controller.status.startswith("Ready"), controller.status
+    _place_box(controller, geometry, ((5, 7, 9), (18, 24, 30)))
+    controller.wait(120)
+    assert controller.status.startswith("Object") and controller.writer.read(controller.segment_id).any()
+    controller.cleanup()
+
+
+def test_a_worker_that_keeps_dying_is_restarted_once(headless, worker_pool, small_model_file):
+    volume, geometry = _volume(headless.scene, SLOW_SHAPE, seed=6)
+    controller = _controller(headless, worker_pool, small_model_file, volume, wait=False)
+    for _ in range(2):  # killed while encoding, twice: restarted once, then left for the user
+        session = controller.session
+        while not session.ready:
+            controller.poll()
+        os.kill(session.pid, signal.SIGKILL)
+        while controller.session is session:
+            controller.poll()
+    assert controller.session is None and "stopped again" in controller.status and "not restarted" in controller.status
+    controller.start_tool("box")  # the user asks: one more try
+    controller.stop_tool()
+    controller.wait(120)
+    assert controller.status.startswith("Ready"), controller.status
+    controller.cleanup()

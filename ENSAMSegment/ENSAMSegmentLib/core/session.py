@@ -242,19 +242,21 @@ class InferenceSession(SessionEngine):
     # ----------------------------------------------------------------------------- image
 
     def set_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto",
-                  ct_window=None) -> ImageReport:
+                  ct_window=None, identity=None) -> ImageReport:
         """Validate, normalise (intensity.py) and encode an image; returns an ImageReport."""
-        return self._wait(self.submit_image(array_zyx, spacing_zyx, modality, ct_window))
+        return self._wait(self.submit_image(array_zyx, spacing_zyx, modality, ct_window, identity))
 
     def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto",
-                     ct_window=None) -> concurrent.futures.Future:
-        """Asynchronous set_image. Validation errors raise here; do not modify the array until done."""
+                     ct_window=None, identity=None) -> concurrent.futures.Future:
+        """Asynchronous set_image. Validation errors raise here; do not modify the array until done.
+        identity: what makes this image the same as an earlier one, when the caller knows it (else every
+        byte is hashed: image_fingerprint)."""
         self._check_open()
         array = check_image(array_zyx)
         spacing = check_spacing(spacing_zyx)
         modality, ct_window = check_intensity_options(modality, ct_window)
         check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
-        fingerprint = image_fingerprint(array, spacing, modality, ct_window)
+        fingerprint = image_fingerprint(array, spacing, modality, ct_window, identity)
         with self._lock:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:

@@ -12,8 +12,9 @@ and its scenario tests run against both (Testing/test_slicer_frontend.py, Testin
 
 Requests (all return a concurrent.futures.Future; bad input raises a SessionError subclass at once and
 changes nothing):
-    submit_image(array_zyx, spacing_zyx, modality, ct_window) -> ImageReport  (the same image again:
-        encoded False, objects kept; a different one: objects cleared, ids restart at 1)
+    submit_image(array_zyx, spacing_zyx, modality, ct_window, identity) -> ImageReport  (the same image
+        again: encoded False, objects kept; a different one: objects cleared, ids restart at 1; "the same":
+        every byte hashed, or the caller's `identity` when it knows one, e.g. volume node + modification time)
     submit_box(kji_min, kji_max, object_id) / submit_click(kji, foreground, object_id)
     submit_undo(object_id) / submit_reset(object_id)                            -> SegmentationUpdate
     submit_merged_labels()                                                      -> uint8/uint16 labelmap
@@ -46,7 +47,8 @@ CONTRACT = (
 class Session(Protocol):
     """What the prompt controller and the tools need of a session (see the module docstring)."""
 
-    def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto", ct_window=None): ...
+    def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto", ct_window=None,
+                     identity=None): ...
     def submit_box(self, kji_min, kji_max, object_id: int | None = None): ...
     def submit_click(self, kji, foreground: bool = True, object_id: int | None = None): ...
     def submit_undo(self, object_id: int | None = None): ...

@@ -25,7 +25,8 @@ When the worker dies (killed, out of memory, a crash in torch) every request in 
 `WorkerCrashedError`, whose message names the exit (signal or code) and the last line of the worker's
 log, and the session is closed: the front-end starts a new one (the image is encoded again) and writes
 nothing (promptcontroller.py). A model or device that cannot be used fails every request with the
-worker's `ModelLoadError` / `SessionError` instead. The worker ends with its parent: its reader exits the
+worker's `ModelLoadError` / `SessionError` instead, and so does a worker that ends before it is ready
+(an interpreter without torch, say): `failure` says which. The worker ends with its parent: its reader exits the
 process when the connection closes; `close()` kills it when it does not exit at once.
 """
 
@@ -213,7 +214,7 @@ class WorkerSession:
     # -- requests -------------------------------------------------------------------------------
 
     def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto",
-                     ct_window=None) -> concurrent.futures.Future:
+                     ct_window=None, identity=None) -> concurrent.futures.Future:
         """As InferenceSession.submit_image; a different image goes to the worker (sent at once, or when it
         connects), the same image again only as a note (no transfer, no encoding, objects kept)."""
         self._check_open()
@@ -221,7 +222,7 @@ class WorkerSession:
         spacing = check_spacing(spacing_zyx)
         modality, ct_window = check_intensity_options(modality, ct_window)
         check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
-        fingerprint = image_fingerprint(array, spacing, modality, ct_window)
+        fingerprint = image_fingerprint(array, spacing, modality, ct_window, identity)
         with self._lock:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:
@@ -230,7 +231,7 @@ class WorkerSession:
             self._next_id, self._selected = 1, None
             self._submitted = (fingerprint, tuple(array.shape))
             return self._request("image", {"array": np.ascontiguousarray(array), "spacing": spacing,
-                                           "modality": modality, "ct_window": ct_window})
+                                           "modality": modality, "ct_window": ct_window, "identity": identity})
 
     def submit_box(self, kji_min, kji_max, object_id: int | None = None) -> concurrent.futures.Future:
         with self._lock:
@@ -261,8 +262,9 @@ class WorkerSession:
 
     # the synchronous forms (scripts, tests, the benchmark): poll until the reply is there
 
-    def set_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto", ct_window=None) -> ImageReport:
-        return self.wait(self.submit_image(array_zyx, spacing_zyx, modality, ct_window))
+    def set_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto", ct_window=None,
+                  identity=None) -> ImageReport:
+        return self.wait(self.submit_image(array_zyx, spacing_zyx, modality, ct_window, identity))
 
     def add_box(self, kji_min, kji_max, object_id: int | None = None) -> SegmentationUpdate:
         return self.wait(self.submit_box(kji_min, kji_max, object_id))
@@ -386,7 +388,9 @@ class WorkerSession:
         if returncode is None:  # the connection broke but the process lives: end it
             self._kill()
             returncode = self.process.poll()
-        if self.failure is None:
+        if self.failure is None and not self.ready:  # it never got as far as loading the model: not a crash
+            self.failure = SessionError(f"the ENSAM worker process could not start: {self._describe_crash(returncode)}")
+        elif self.failure is None:
             self.failure = WorkerCrashedError(self._describe_crash(returncode))
         self._close_wire()
         self._closed = True

@@ -97,7 +97,7 @@ class WorkerServer:
     def dispatch(self, op: str, m: dict) -> None:
         s = self.session
         if op == "image":
-            future = s.submit_image(m["array"], m["spacing"], m["modality"], m["ct_window"])
+            future = s.submit_image(m["array"], m["spacing"], m["modality"], m["ct_window"], m.get("identity"))
             self._ids = {k: v for k, v in self._ids.items() if v in s.object_ids}  # a new image clears them
             self._reply(m["id"], future)
         elif op == "same_image":

@@ -41,6 +41,9 @@ from .actions import (  # noqa: F401 (the front-ends' tables, also importable fr
 from .promptnodes import PromptNodes, roi_for_box  # noqa: F401
 
 
+MAX_RESTARTS = 1  # a worker that dies again before any result is not started a third time by itself
+
+
 @dataclass
 class _Job:
     """One submitted request: what to do with its result on the GUI thread."""
@@ -88,6 +91,7 @@ class PromptController(PromptNodes):
         self._jobs: list[_Job] = []
         self._submitted = 0  # requests submitted so far
         self._session_error = ""  # why no session can be made with this model and device
+        self._crashes = 0  # worker crashes since the last result
         self.status = "Select a volume, then draw a box."
         self.timing = ""
         self.image_seconds: float | None = None
@@ -228,6 +232,8 @@ class PromptController(PromptNodes):
     def _poll(self) -> None:
         if self.session is not None:
             self.session.poll()
+            if self.session.closed:
+                self._session_ended()
         if self._prompts_dirty:
             self._prompts_dirty = False
             if self.session is None and self.volume_node is not None:
@@ -237,9 +243,23 @@ class PromptController(PromptNodes):
             if job in self._jobs:  # a result before it may have replaced the session and its jobs
                 self._jobs.remove(job)
                 self._finish(job)
-        if self.session is not None and self.session.closed:  # ended under us (cancelled by the other front-end)
-            self._release_session()
-            self._set_status("ENSAM stopped: press Box or a click tool to encode the image again.")
+        if self.session is not None and self.session.closed:
+            self._session_ended()
+
+    def _session_ended(self) -> None:
+        """The session closed under us: its worker died (found dead while idle, say), it could not start, or
+        the other front-end cancelled the encoding it shared."""
+        from ENSAMSegmentLib.core.session_types import WorkerCrashedError
+
+        failure = getattr(self.session, "failure", None)
+        if isinstance(failure, WorkerCrashedError):
+            self._worker_lost(failure)
+            return
+        self._release_session()
+        if failure is not None:
+            self._session_error = str(failure)
+        self._set_status(f"Cannot start ENSAM: {failure}" if failure is not None else
+                         "ENSAM stopped: press Box or a click tool to encode the image again.")
 
     def wait(self, timeout: float = 60.0) -> None:
         """Poll until idle (scripts and tests; a GUI uses its timer instead)."""
@@ -280,7 +300,10 @@ class PromptController(PromptNodes):
             self._set_status(f"Cannot start ENSAM: {error}")
             return False
         session = self.session
-        self._submit("image", lambda: session.submit_image(array, spacing_zyx=self.geometry.spacing_zyx))
+        # the image's identity: this node's image as last modified (no hashing of every voxel on the GUI thread)
+        identity = (key, self._volume_mtime)
+        self._submit("image", lambda: session.submit_image(array, spacing_zyx=self.geometry.spacing_zyx,
+                                                           identity=identity))
         if self.encoding:
             self._set_status(f"Encoding '{self.volume_node.GetName()}'...")
         return True
@@ -298,10 +321,17 @@ class PromptController(PromptNodes):
             self._encode()
 
     def _worker_lost(self, error) -> None:
-        """The worker process died: a new session encodes the image again; the segments stay as they are."""
+        """The worker process died: a new session encodes the image again; the segments stay as they are.
+        Twice in a row without a result in between: no third try until the user asks (a tool, a prompt)."""
         logging.error("ENSAM: %s", error)
         self._release_session()
         self._clear_prompts()
+        self._crashes += 1
+        if self._crashes > MAX_RESTARTS:
+            self._crashes = 0
+            self._set_status(f"The ENSAM worker stopped again ({error}); not restarted. The segmentation is "
+                             "unchanged. Try another device or a smaller (cropped) volume, or press Box to try again.")
+            return
         if self.volume_node is not None and self._encode():
             self._set_status(f"The ENSAM worker stopped ({error}). Restarted: encoding the image again; "
                              "the segmentation is unchanged, prompts start a new object.")
@@ -326,9 +356,15 @@ class PromptController(PromptNodes):
         segment_id = self._target_or_status()
         if segment_id is None:
             return
+        from ENSAMSegmentLib.core.session_types import SessionError
+
         object_id = self._objects.get(segment_id)
         if object_id is None or object_id not in self.session.object_ids:  # new, or gone with a new image
-            object_id = self._objects[segment_id] = self.session.create_object()
+            try:
+                object_id = self._objects[segment_id] = self.session.create_object()
+            except SessionError as error:  # the session ended meanwhile: poll() replaces it
+                self._set_status(f"{kind.capitalize()} refused: {error}")
+                return
         self._submit(kind, lambda: submit(object_id), segment_id=segment_id, note=note)
 
     def _submit(self, kind: str, submit, segment_id: str | None = None, note: str = "") -> None:
@@ -362,6 +398,7 @@ class PromptController(PromptNodes):
         except Exception as error:  # shown to the user; the session keeps its previous state
             self._request_failed(job, error)
             return
+        self._crashes = 0
         if job.kind == "image":
             self.image_seconds = result.seconds
             encoded = "encoded" if result.encoded else "already encoded"
