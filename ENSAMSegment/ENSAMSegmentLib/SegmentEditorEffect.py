@@ -166,9 +166,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.scriptedEffect.active() and self._readyToRun():
             self._syncController()
 
-    def masterVolumeNodeChanged(self):  # Slicer before 5.2
-        self.sourceVolumeNodeChanged()
-
     def interactionNodeModified(self, interactionNode):
         """Placing ENSAM's own prompts keeps the effect; any other placement ends it (Slicer's rule)."""
         if self.controller is not None and self.controller.active_tool() is not None:
@@ -267,8 +264,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
 
 def _sourceVolume(editor):
-    getter = getattr(editor, "GetSourceVolumeNode", None) or editor.GetMasterVolumeNode
-    return getter()
+    return editor.GetSourceVolumeNode()  # (Slicer 5.10 still also calls the deprecated masterVolumeNodeChanged)
 
 
 def _selectData(comboBox, data):
