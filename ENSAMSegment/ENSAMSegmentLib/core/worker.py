@@ -125,11 +125,14 @@ class WorkerSession:
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                                 env=child_environment(env), **new_group_options())
-            self.process.stdin.write(self._key.hex().encode() + b"\n")
-            self.process.stdin.close()
-        except OSError as error:
+        except OSError as error:  # no such interpreter
             self._server.close()
             raise SessionError(f"cannot start the ENSAM worker process ({argv[0]}): {error}") from None
+        for step in (lambda: self.process.stdin.write(self._key.hex().encode() + b"\n"), self.process.stdin.close):
+            try:
+                step()
+            except OSError:  # it died at once: poll() reports how (exit code, last log line)
+                pass
         _LIVE.add(self)
 
     # -- state ----------------------------------------------------------------------------------
