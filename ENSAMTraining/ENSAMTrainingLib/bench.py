@@ -133,6 +133,33 @@ def prompt_use(model, cases) -> tuple[float, float]:
     return float(np.mean(right)), float(np.mean(wrong))
 
 
+def prompt_sensitivity(image_alpha: float, seed: int = 0) -> dict:
+    """How much the prompts move the output of an untrained paper-size model (image alpha `image_alpha`)
+    on a 48x64x64 blob: % of voxels flipped by moving the box to a far corner, % flipped by a
+    foreground click (same fed-back logits), cosine of the image tokens before/after the interaction."""
+    from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig, Prompts
+
+    torch.manual_seed(seed)
+    model = ENSAM(ENSAMConfig(image_alpha_init=image_alpha)).eval()
+    z, y, x = np.indices((48, 64, 64))
+    blob = (z - 24) ** 2 / 100 + (y - 32) ** 2 / 200 + (x - 32) ** 2 / 200 < 1
+    noise = 0.05 * np.random.default_rng(seed).standard_normal(blob.shape)
+    image = torch.tensor(0.3 + 0.4 * blob + noise, dtype=torch.float32)[None, None]
+    box, far = ((14, 18, 18), (34, 46, 46)), ((0, 0, 0), (20, 28, 28))
+    flipped = lambda a, b: 100 * float(((a > 0) != (b > 0)).float().mean())  # noqa: E731
+    with torch.no_grad():
+        emb = model.encode(image)
+        boxed = model.decode(emb, Prompts.from_objects([{"box": box}]))
+        moved = model.decode(emb, Prompts.from_objects([{"box": far}]))
+        same = model.decode(emb, Prompts.from_objects([{"box": box}]), prev_logits=boxed)
+        clicked = model.decode(emb, Prompts.from_objects([{"box": box, "fg": [(24, 32, 32)]}]), prev_logits=boxed)
+        tokens = model.interact(emb, Prompts.from_objects([{"box": box}])).image
+        before = emb.bottleneck.flatten(2).transpose(1, 2)
+        cosine = float((tokens * before / before.norm(dim=-1, keepdim=True)).sum(-1).mean())
+    return dict(box_moved_flips_pct=flipped(boxed, moved), click_flips_pct=flipped(same, clicked),
+                image_token_cosine=cosine)
+
+
 def run_prompt_use(image_alpha: float, scale_lr_factor: float, steps: int = 200, seed: int = 0,
                    every: int = 25) -> list[dict]:
     """Train TOY_MODEL on `two_spheres` (one sample per Muon + AdamW step); rows of prompt_use every `every` steps."""
@@ -271,6 +298,11 @@ def _run_ablation_cmd(args) -> int:
 def _run_prompts_cmd(args) -> int:
     results = []
     for alpha in args.image_alpha:
+        at_init = prompt_sensitivity(alpha)
+        print(f"image alpha {alpha:<5} at init (paper-size model): moving the box flips "
+              f"{at_init['box_moved_flips_pct']:.2f} % of the voxels, a click {at_init['click_flips_pct']:.2f} %, "
+              f"image tokens before/after the interaction: cosine {at_init['image_token_cosine']:.3f}")
+        results.append(dict(image_alpha_init=alpha, at_init=at_init))
         for factor in args.scale_lr_factor:
             rows = run_prompt_use(alpha, factor, args.steps)
             decided = next((r["step"] for r in rows if r["dsc"] > 0.85 and r["other_sphere"] < 0.1), None)

@@ -10,7 +10,7 @@ from conftest import TINY_BUDGET, TINY_MODEL
 
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 from ENSAMSegmentLib.core.simulation import box_dict_to_3d, challenge_boxes
-from ENSAMTrainingLib.bench import run_prompt_use
+from ENSAMTrainingLib.bench import prompt_sensitivity, run_prompt_use
 from ENSAMTrainingLib.cases import CaseRef, find_cases
 from ENSAMTrainingLib.data import majority_pool, max_pool, training_box
 from ENSAMTrainingLib.step import InteractiveStep, interact
@@ -24,6 +24,13 @@ def test_the_box_decides_which_of_two_identical_spheres_is_segmented():
     rows = run_prompt_use(image_alpha=0.3, scale_lr_factor=10.0, steps=75, every=75)
     assert rows[-1]["dsc"] > 0.85, rows  # the boxed sphere is segmented ...
     assert rows[-1]["other_sphere"] < 0.1, rows  # ... and the identical other one is not
+
+
+def test_at_init_the_box_and_clicks_move_the_output_with_the_larger_image_alpha():
+    ngpt, ours = prompt_sensitivity(0.05), prompt_sensitivity(0.3)
+    assert ngpt["box_moved_flips_pct"] < 1 and ngpt["image_token_cosine"] > 0.99  # nGPT's 0.05: a near no-op
+    assert ours["box_moved_flips_pct"] > 5 * ngpt["box_moved_flips_pct"]
+    assert ours["click_flips_pct"] > 5 * ngpt["click_flips_pct"] and ours["image_token_cosine"] < 0.9
 
 
 def test_nGPT_image_alpha_starts_where_the_config_says():
