@@ -13,7 +13,7 @@ and a box decode 2x faster than fp32, masks agreeing with fp32 at Dice 0.97-0.99
 Testing/core/test_devices.py; README "Performance"). Other CPUs, and MPS (uneven autocast
 support), stay in fp32; "fp32" forces it anywhere. CPU tensors are channels-last in fp32 too: oneDNN
 convolves that layout directly, where the default one costs two reorders of every activation per
-convolution (fp32 AVX2 encoder 1.3x faster, README "Performance").
+convolution (the fp32 AVX2 encoder took 1.25x less CPU time, README "Performance").
 """
 
 from __future__ import annotations
