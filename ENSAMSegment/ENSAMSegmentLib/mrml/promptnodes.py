@@ -14,6 +14,8 @@ A box drawn with two clicks in one slice gets the depth of boxdepth.py's rule wh
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ENSAMSegmentLib.core.geometry import OutsideVolumeError
@@ -150,6 +152,7 @@ class PromptNodes:
             try:
                 lo, hi = mrml_prompts.box_from_roi(self.roi_node, self.geometry)
             except OutsideVolumeError as error:
+                logging.info("ENSAM: box ignored: %s", error)
                 self._set_status(f"Box ignored: {error}")
             else:
                 box = (tuple(lo.tolist()), tuple(hi.tolist()))
@@ -168,6 +171,7 @@ class PromptNodes:
                 try:
                     kji = tuple(self.geometry.ras_to_kji_index(world).tolist())
                 except OutsideVolumeError:
+                    logging.info("ENSAM: click at RAS %s is outside the volume: ignored", world)
                     self._set_status("Click outside the volume: ignored.")
                     continue
                 self._send("click", lambda oid, kji=kji, fg=foreground: self.session.submit_click(kji, fg, object_id=oid))
