@@ -149,13 +149,24 @@ def test_predict_click_window_reaches_the_session(checkpoint, via_files, tmp_pat
     assert any(not np.array_equal(segs["0", p.name], segs["32", p.name]) for p in inputs.glob("*.npz"))
 
 
-def test_evaluate_records_the_click_window(dataset, checkpoint, tmp_path, capsys):
+def test_evaluate_records_the_session_options(dataset, checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["evaluate", "--data", str(dataset), "--method", "ensam", "--checkpoint", str(checkpoint),
-                 "--device", "cpu", "--click-window", "8", "--max-cases", "1", "--out", str(out)]) == 0
+                 "--device", "cpu", "--click-window", "8", "--voxel-budget", "4096", "--max-cases", "1",
+                 "--out", str(out)]) == 0
     info = json.loads((out / "summary.json").read_text())["methods"]["ensam"]["info"]
-    assert info["click_window"] == 8 and info["device"].startswith("cpu")
-    assert "click window 8" in capsys.readouterr().out
+    assert info["click_window"] == 8 and info["voxel_budget"] == 4096 and info["device"].startswith("cpu")
+    assert "click window 8, voxel budget 4096" in capsys.readouterr().out
+    # a smaller budget pools the case (the model sees fewer voxels): the scores differ
+    assert main(["evaluate", "--data", str(dataset), "--method", "ensam", "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--max-cases", "1", "--out", str(tmp_path / "full")]) == 0
+    pooled, full = (json.loads((folder / "summary.json").read_text())["methods"]["ensam"]["mean"]
+                    for folder in (out, tmp_path / "full"))
+    assert pooled != full
+    with pytest.raises(SystemExit) as refused:  # argparse, before any work
+        main(["evaluate", "--data", str(dataset), "--voxel-budget", "100", "--out", str(out)])
+    assert refused.value.code == 2
+    assert "--voxel-budget: expected a number of voxels >= 512" in capsys.readouterr().err
 
 
 def test_predict_sh_reports_a_missing_model_file(tmp_path):

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.cmd_segment import add_session_arguments, session_options
 from ENSAMSegmentLib.cli.common import add_device_argument, check_device, check_model, check_output_folder
 from ENSAMSegmentLib.cli.main import UserError
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                         help="method to run (repeatable; default: ensam, growcut and box)")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
     add_device_argument(parser)
-    add_click_window_argument(parser)
+    add_session_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder for steps.csv, summary.json, steps.png")
     parser.add_argument("--max-cases", type=int, help="only the first N case files (sorted by name)")
     parser.add_argument("--time-limit-per-class", type=float, default=90.0,
@@ -59,7 +59,7 @@ def run(args) -> int:
     for name in names:
         started = time.perf_counter()
         try:
-            method = make_method(name, args.checkpoint, args.device, args.click_window)
+            method = make_method(name, args.checkpoint, args.device, **session_options(args))
         except MethodError as error:
             raise UserError(f"cannot set up the {name} method: {error}") from None
         infos[name] = {**method.describe(), "setup_seconds": round(time.perf_counter() - started, 3)}
@@ -81,9 +81,11 @@ def run(args) -> int:
     for name, entry in summary["methods"].items():
         mean = entry["mean"]
         if entry["n_cases"]:
-            window = entry["info"].get("click_window")
+            setup = ", ".join(f"{label} {entry['info'][key]}" for key, label in
+                              (("click_window", "click window"), ("voxel_budget", "voxel budget"))
+                              if entry["info"].get(key) is not None)
             print(f"{name:8s} n={entry['n_cases']}  " + "  ".join(f"{k} {mean[k]:.3f}" for k in mean)
-                  + ("" if window is None else f"  (click window {window})"))
+                  + (f"  ({setup})" if setup else ""))
     if infos.get("ensam", {}).get("model", {}).get("untrained"):
         print("NOTE: the ENSAM model file is UNTRAINED (random weights): its scores are not meaningful.")
     for item in skipped:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.cmd_segment import add_session_arguments, session_options
 from ENSAMSegmentLib.cli.common import add_device_argument, check_device, check_model, check_output_folder
 from ENSAMSegmentLib.cli.main import UserError
 
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for the <case>.npz predictions")
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the default model)")
     add_device_argument(parser)
-    add_click_window_argument(parser)
+    add_session_arguments(parser)
     parser.add_argument("--method", default="ensam", choices=["ensam", "growcut", "box"],
                         help="predictor (default ensam; growcut and box are the baselines)")
     parser.set_defaults(func=run)
@@ -45,7 +45,7 @@ def run(args) -> int:
         check_model(args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)
     try:
-        method = make_method(args.method, args.checkpoint, args.device, args.click_window)
+        method = make_method(args.method, args.checkpoint, args.device, **session_options(args))
     except MethodError as error:
         raise UserError(f"cannot set up the {args.method} predictor: {error}") from None
     try:

@@ -92,11 +92,37 @@ def add_click_window_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: the session's, 32; 0: decode the whole box region)")
 
 
+def _budget(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 512:
+        raise argparse.ArgumentTypeError(f"expected a number of voxels >= 512, got {text!r}")
+    return value
+
+
+SESSION_OPTIONS = ("click_window", "voxel_budget")  # the InferenceSession options these commands pass on
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """The InferenceSession options of segment, predict and evaluate; not given = the session's default."""
+    add_click_window_argument(parser)
+    parser.add_argument("--voxel-budget", type=_budget, default=None, metavar="N",
+                        help="largest grid the model sees at once, in voxels (default: the session's, 8388608 = "
+                             "128x256x256): a box region above it is max-pooled to fit")
+
+
+def session_options(args) -> dict:
+    """The session options given on the command line (SESSION_OPTIONS), as InferenceSession keywords."""
+    return {name: getattr(args, name) for name in SESSION_OPTIONS if getattr(args, name, None) is not None}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="ENSAM model file (default: the embedded default model)")
     add_device_argument(parser)
     add_modality_argument(parser)
-    add_click_window_argument(parser)
+    add_session_arguments(parser)
 
 
 def register(subparsers) -> None:
@@ -226,9 +252,8 @@ def segment_array(array, geometry, box, clicks, args) -> dict:
 
     started = time.perf_counter()
     try:
-        # `ensam demo` builds its own options, without --click-window
-        with InferenceSession(model_path=args.checkpoint, device=args.device,
-                              click_window=getattr(args, "click_window", None)) as session:
+        # `ensam demo` builds its own options, without the session options
+        with InferenceSession(model_path=args.checkpoint, device=args.device, **session_options(args)) as session:
             t0 = time.perf_counter()
             session.set_image(array, spacing_zyx=geometry.spacing_zyx, modality=args.modality)
             timing = {"load_model": t0 - started, "encode": time.perf_counter() - t0, "steps": []}

@@ -89,10 +89,10 @@ from .session_engine import SessionEngine, _Image, _Object, _Request
 from .session_merge import boost_box, boost_empty, merge_into  # noqa: F401 (part of this module's API)
 from .session_region import Grid, Slices, image_logits
 from .session_types import (  # noqa: F401 (re-exported: the session's public names live here too)
-    DEFAULT_CLICK_WINDOW, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, TRAINING_VOXEL_BUDGET, VOXEL_BUDGET, ImageReport, ImageTooLargeError, InvalidImageError,
-    InvalidPromptError, ModelLoadError, NoImageError, ObjectPrompts, SegmentationUpdate, SessionClosedError,
-    SessionError, StaleRequest, UnknownObjectError, WorkerCrashedError, check_box, check_image,
-    check_intensity_options, check_size, check_spacing, check_voxel, image_fingerprint,
+    DEFAULT_CLICK_WINDOW, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, VOXEL_BUDGET, ImageReport, ImageTooLargeError,
+    InvalidImageError, InvalidPromptError, ModelLoadError, NoImageError, ObjectPrompts, SegmentationUpdate,
+    SessionClosedError, SessionError, StaleRequest, UnknownObjectError, WorkerCrashedError, check_box, check_image,
+    check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget, image_fingerprint,
 )
 
 
@@ -103,13 +103,14 @@ class InferenceSession(SessionEngine):
     """Interactive ENSAM segmentation of one image (see the module docstring)."""
 
     def __init__(self, model=None, model_path=None, device="auto", *, precision: str = "auto",
-                 voxel_budget: int = VOXEL_BUDGET, global_voxel_budget: int = TRAINING_VOXEL_BUDGET,
+                 voxel_budget: int = VOXEL_BUDGET, global_voxel_budget: int | None = None,
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = MAX_POOL_FACTOR, max_image_voxels: int = MAX_IMAGE_VOXELS, max_undo: int | None = 32,
                  max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int | None = None,
                  click_window_growth: int = 1):
         if max_undo is not None and max_undo < 1:
             raise ValueError(f"max_undo must be >= 1 or None (unlimited), got {max_undo}")
+        global_voxel_budget = default_global_budget(voxel_budget, global_voxel_budget)
         if not 512 <= global_voxel_budget <= voxel_budget:
             raise ValueError(f"need 512 <= global_voxel_budget ({global_voxel_budget}) <= voxel_budget "
                              f"({voxel_budget})")

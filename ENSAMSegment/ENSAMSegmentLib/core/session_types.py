@@ -212,6 +212,13 @@ def check_box(kji_min, kji_max, shape) -> tuple[tuple, tuple]:
     return lo, hi
 
 
+def default_global_budget(voxel_budget: int, global_voxel_budget: int | None = None) -> int:
+    """The large-mode global view's budget: as given, else the training budget, at most `voxel_budget`."""
+    if global_voxel_budget is not None:
+        return int(global_voxel_budget)
+    return min(TRAINING_VOXEL_BUDGET, int(voxel_budget))
+
+
 def check_size(shape, max_image_voxels: int, global_voxel_budget: int, max_pool_factor: int) -> None:
     """ImageTooLargeError for an image above `max_image_voxels`, or whose global view would need more
     than `max_pool_factor` downsampling along an axis."""

@@ -52,9 +52,10 @@ from . import worker_wire as wire
 from .interpreter import child_environment, new_group_options, python_interpreter
 from .session_masks import MaskCrop
 from .session_types import (
-    MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, TRAINING_VOXEL_BUDGET, ImageReport, ModelLoadError, NoImageError, ObjectPrompts,
+    MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, VOXEL_BUDGET, ImageReport, ModelLoadError, NoImageError, ObjectPrompts,
     SegmentationUpdate, SessionClosedError, SessionError, UnknownObjectError, WorkerCrashedError, check_box,
-    check_image, check_intensity_options, check_size, check_spacing, check_voxel, image_fingerprint,
+    check_image, check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget,
+    image_fingerprint,
 )
 
 WORKER_MODULE = "ENSAMSegmentLib.core.worker_main"
@@ -96,7 +97,8 @@ class WorkerSession:
         self.device = device
         self.options = dict(options)
         self.max_image_voxels = int(options.get("max_image_voxels", MAX_IMAGE_VOXELS))
-        self.global_voxel_budget = int(options.get("global_voxel_budget", TRAINING_VOXEL_BUDGET))
+        self.global_voxel_budget = default_global_budget(options.get("voxel_budget", VOXEL_BUDGET),
+                                                         options.get("global_voxel_budget"))
         self.max_pool_factor = int(options.get("max_pool_factor", MAX_POOL_FACTOR))
         self.device_name = ""  # known once the worker is ready
         self.model_info: dict | None = None

@@ -223,17 +223,17 @@ class EnsamMethod(Method):
     pass; uint8 images are used as they are) and makes one object per class; each step adds that
     step's prompts to their objects (a click feeds the object's previous logits back) and returns the
     session's merge (highest logit above 0; an object left empty is boosted inside its box).
-    `click_window`: the session's click window (None: its default; 0: clicks decode the box region).
+    `session_options`: InferenceSession keywords (click_window, voxel_budget, ...; absent: its defaults).
     """
 
     name = "ensam"
 
-    def __init__(self, checkpoint=None, device: str = "auto", click_window: int | None = None):
+    def __init__(self, checkpoint=None, device: str = "auto", **session_options):
         from ENSAMSegmentLib.core.session import InferenceSession, SessionError
 
         try:
-            self.session = InferenceSession(model_path=checkpoint, device=device, click_window=click_window)
-        except (SessionError, ValueError) as error:  # ValueError: a click window below 0
+            self.session = InferenceSession(model_path=checkpoint, device=device, **session_options)
+        except (SessionError, ValueError) as error:  # ValueError: an option out of range
             raise MethodError(str(error)) from None
 
     def begin(self, imgs, spacing_zyx, n_objects):
@@ -268,14 +268,15 @@ class EnsamMethod(Method):
     def describe(self):
         info = self.session.model_info
         return {"method": self.name, "device": self.session.device_name, "click_window": self.session.click_window,
+                "voxel_budget": self.session.voxel_budget,
                 **({"model": info.metadata()} if info is not None else {})}
 
 
-def make_method(name: str, checkpoint=None, device: str = "auto", click_window: int | None = None) -> Method:
+def make_method(name: str, checkpoint=None, device: str = "auto", **session_options) -> Method:
     """A method by name: 'ensam' (needs the model; `checkpoint` None = the default model), 'growcut', 'box'.
-    `click_window` is ENSAM's (EnsamMethod); the baselines have none."""
+    `session_options` are ENSAM's (EnsamMethod: click_window, voxel_budget); the baselines have none."""
     if name == "ensam":
-        return EnsamMethod(checkpoint, device, click_window)
+        return EnsamMethod(checkpoint, device, **session_options)
     if name == "growcut":
         return GrowCutMethod()
     if name == "box":
