@@ -101,6 +101,7 @@ def test_the_worker_gives_what_the_in_process_session_gives(worker, model_file, 
     np.testing.assert_array_equal(got[9][1], expected[9][1])
     assert got[10] == expected[10] == (False, (1, 2))
     assert worker.device_name.startswith("cpu") and worker.model_info["parameters"] > 0
+    assert worker.malloc_tuned == sys.platform.startswith("linux")  # glibc: the worker keeps freed memory
 
 
 @pytest.mark.parametrize("call, error", [

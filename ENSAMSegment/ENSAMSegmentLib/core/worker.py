@@ -102,6 +102,7 @@ class WorkerSession:
         self.max_pool_factor = int(options.get("max_pool_factor", MAX_POOL_FACTOR))
         self.device_name = ""  # known once the worker is ready
         self.model_info: dict | None = None
+        self.malloc_tuned = False  # known once the worker is ready
         self.ready = False
         self.failure: Exception | None = None  # why the session ended (crash, model or device error)
         self.mode: str | None = None
@@ -357,6 +358,7 @@ class WorkerSession:
         op = message["op"]
         if op == "ready":
             self.ready, self.device_name, self.model_info = True, message["device_name"], message["model"]
+            self.malloc_tuned = bool(message.get("malloc_tuned"))  # devices.keep_freed_memory in the worker
             return
         if op == "fatal":
             self.failure = wire.decode_error(message["error"])

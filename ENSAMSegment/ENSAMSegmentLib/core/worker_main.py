@@ -70,7 +70,7 @@ class WorkerServer:
             self.send({"op": "fatal", "error": wire.encode_error(error)})
             return EXIT_FATAL
         self.send({"op": "ready", "pid": os.getpid(), "device_name": self.session.device_name,
-                   "model": _model_summary(self.session.model_info)})
+                   "model": _model_summary(self.session.model_info), "malloc_tuned": self.malloc_tuned})
         while True:
             message = self.inbox.get()
             op = message.get("op")
@@ -83,8 +83,11 @@ class WorkerServer:
                     self.send({"op": "error", "id": message["id"], "error": wire.encode_error(error)})
 
     def _load(self):
+        from . import devices
         from .session import InferenceSession
 
+        # this process only runs the model: freed activations are reused, no page faults per layer (issue 14)
+        self.malloc_tuned = devices.keep_freed_memory()
         options = dict(self.options)
         threads = options.pop("torch_threads", None)
         if threads:
