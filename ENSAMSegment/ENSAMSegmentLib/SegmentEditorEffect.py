@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import qt
+import vtk
 
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -51,6 +52,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._syncingToEditor = False
         self._ready = None  # Slicer version and Python packages checked (None: not yet)
         self._sceneObservation = None
+        self._editorObservation = None  # (segment editor node, tag) while the effect is active
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -145,9 +147,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not self._readyToRun():
             return
         self._syncController()
+        self._observeEditor()
         self.panel.install_shortcuts()  # the effect's keys exist only while it is active
 
     def deactivate(self):
+        self._unobserveEditor()
         if self.panel is not None:
             self.panel.remove_shortcuts()
         if self.controller is not None and self.controller.active_tool() is not None:
@@ -156,6 +160,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def cleanup(self):
         """Called by Slicer (5.10 and later) when the editor widget goes: observers and the worker go too."""
         self._unobserveScene()
+        self._unobserveEditor()
         if self.panel is not None:
             self.panel.cleanup()
         if self.controller is not None:
@@ -256,6 +261,41 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             scene, tag = self._sceneObservation
             scene.RemoveObserver(tag)
             self._sceneObservation = None
+
+    def _observeEditor(self):
+        """Follow the segment the user selects while the effect is active. The Segment Editor tells an effect
+        nothing when the selection changes (segment table, Q/W keys): qMRMLSegmentEditorWidget::
+        onSegmentSelectionChanged only sets the editor node's SelectedSegmentID (Slicer v5.10.0,
+        Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx lines 1397-1437), and
+        updateGUIFromMRML is called only for effect parameters (EffectParameterModified:
+        qSlicerSegmentEditorAbstractEffect.cxx lines 809, 924). Without this the next prompt would go to the
+        segment selected when the effect was activated."""
+        editor = self.scriptedEffect.parameterSetNode()
+        if self._editorObservation is not None and self._editorObservation[0] is editor:
+            return
+        self._unobserveEditor()
+        if editor is not None:
+            self._editorObservation = (editor, editor.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onEditorModified))
+
+    def _unobserveEditor(self):
+        if self._editorObservation is not None:
+            editor, tag = self._editorObservation
+            editor.RemoveObserver(tag)
+            self._editorObservation = None
+
+    def _onEditorModified(self, caller=None, event=None):
+        """The editor node changed: follow its selected segment once the current event is over (the editor
+        node may change while the controller itself adds a segment; by then both agree and nothing happens)."""
+        if not self._syncingToEditor and self.controller is not None:
+            qt.QTimer.singleShot(0, self._followEditorSelection)
+
+    def _followEditorSelection(self):
+        """The editor's selected segment becomes the controller's target (a no-op when it already is; the
+        segmentation itself cannot change while the effect is active: the editor deactivates it first)."""
+        editor = self.scriptedEffect.parameterSetNode()
+        if self.controller is None or editor is None or not self.scriptedEffect.active():
+            return
+        self.controller.set_target(editor.GetSegmentationNode(), editor.GetSelectedSegmentID() or None)
 
     def _onSceneStartClose(self, caller=None, event=None):
         if self.controller is not None:
