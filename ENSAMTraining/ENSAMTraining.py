@@ -72,6 +72,15 @@ class ENSAMTrainingParameterNode:
     initModel: Path
 
 
+def _stopRequested(controller):
+    """True when the running training was already asked to stop. Quitting Slicer calls both cleanup() and
+    onAboutToQuit (qSlicerCoreApplication::onAboutToQuit unloads the modules, which calls cleanup():
+    Base/QTCore/qSlicerCoreApplication.cxx, v5.10.0 lines 610 and 2161-2165), and a second request_stop
+    kills the run at once, without the checkpoint the close confirmation promised."""
+    training = controller.training
+    return training is not None and training.stop_requests > 0
+
+
 def _path(value):
     """A Path parameter, or None when the field is empty."""
     return None if value is None or str(value) in ("", ".") else Path(value)
@@ -148,7 +157,7 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mainWindow = slicer.util.mainWindow()
         if self.closeGuard is not None and mainWindow is not None:
             mainWindow.removeEventFilter(self.closeGuard)
-        if self.logic is not None:
+        if self.logic is not None and not _stopRequested(self.logic.controller):
             self.logic.controller.request_stop()
 
     def enter(self):
@@ -265,7 +274,8 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAboutToQuit(self):
         """The close went through every confirmation: ask the run to stop (checkpoint), without waiting."""
         if self.logic is not None:
-            self.logic.controller.request_stop()
+            if not _stopRequested(self.logic.controller):  # cleanup() may have asked already: see _stopRequested
+                self.logic.controller.request_stop()
             if self.logic.controller.coreset_running:
                 self.logic.controller.clear_coreset()
 
