@@ -225,6 +225,10 @@ def measure_throughput(
     from .trainer import TrainConfig, build_model, pick_device, renormalize
 
     torch_device = pick_device(device)
+    if torch_device.type == "cpu":  # as the trainer does
+        from ENSAMSegmentLib.core.devices import keep_freed_memory
+
+        keep_freed_memory()
     config = TrainConfig(data="", out="", model_config=model_config)
     model = build_model(config, torch_device)
     optimizers = make_optimizers(model)

@@ -261,6 +261,10 @@ class Trainer:
         self.config = config
         self.info = dist_utils.env_info()
         self.device = pick_device(config.device, self.info.local_rank)
+        if self.device.type == "cpu":  # a process of its own: freed activations are reused, not mapped anew
+            from ENSAMSegmentLib.core.devices import keep_freed_memory  # (as inference does; issue 14)
+
+            keep_freed_memory()
         self.info = dist_utils.init_distributed(self.device)
         self.main = self.info.is_main
         self.progress = progress if progress is not None else ProgressStream(config.progress_json if self.main else None)
