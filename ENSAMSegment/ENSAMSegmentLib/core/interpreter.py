@@ -8,9 +8,12 @@ APPLICATION_INSTALL_EXECUTABLE_NAME python-real) that sets up the environment an
 real interpreter beside it, as its own child; it forwards no signal, so stopping the launcher leaves
 python-real running. A child started from Slicer already has that environment (Slicer's own launcher set
 PYTHONHOME, PYTHONPATH and the library paths for SlicerApp-real: SuperBuild/External_python.cmake, v5.10.0
-lines 376-379 and 419-422; Slicer's Extension Wizard runs python-real the same way), so ENSAM starts
-python-real directly: the process it holds is the interpreter itself, and signalling or killing it reaches
-the work. Outside Slicer `sys.executable` is used as it is.
+lines 376-379 and 419-422, and LibraryPaths, PIP_REQUIRE_VIRTUALENV, SSL_CERT_FILE as PythonSlicer does:
+CMake/SlicerBlockCTKAppLauncherSettings.cmake lines 279-284, 333), and Slicer itself runs Python CLI modules
+that way: python-real found on SlicerApp-real's PATH, started with its environment
+(Base/QTCLI/qSlicerCLIExecutableModuleFactory.cxx, v5.10.0 lines 33-47 and 82). So ENSAM starts python-real
+directly: the process it holds is the interpreter itself, and signalling or killing it reaches the work.
+Outside Slicer `sys.executable` is used as it is.
 
 The child also needs ENSAM's own packages: Slicer adds module folders to sys.path of the application,
 not to PYTHONPATH, so `child_environment` puts the folders that hold ENSAMSegmentLib (and ENSAMTrainingLib)
