@@ -217,18 +217,21 @@ def measure_throughput(
     model_config: dict | None = None,
     amp: bool = True,
     grad_clicks: int | None = None,
+    tune_malloc: bool = True,
 ) -> list[dict]:
     """Per shape: samples/s of the full training step (after one warm-up) and peak memory in MiB.
-    amp: bf16 autocast where training uses it (step.autocast_for); grad_clicks: see InteractiveStep."""
+    amp: bf16 autocast where training uses it (step.autocast_for); grad_clicks: see InteractiveStep;
+    tune_malloc: keep freed memory (devices.keep_freed_memory) on the CPU, as the trainer does."""
     from .optim import make_optimizers
     from .step import InteractiveStep
     from .trainer import TrainConfig, build_model, pick_device, renormalize
 
     torch_device = pick_device(device)
-    if torch_device.type == "cpu":  # as the trainer does
+    malloc = "default"
+    if torch_device.type == "cpu" and tune_malloc:  # as the trainer does
         from ENSAMSegmentLib.core.devices import keep_freed_memory
 
-        keep_freed_memory()
+        malloc = "freed memory kept" if keep_freed_memory() else malloc
     config = TrainConfig(data="", out="", model_config=model_config)
     model = build_model(config, torch_device)
     optimizers = make_optimizers(model)
@@ -264,6 +267,7 @@ def measure_throughput(
                 device=str(torch_device),
                 amp=amp,
                 grad_clicks=grad_clicks,
+                malloc=malloc,
                 steps_run=len(last_losses),
                 samples_per_s=1.0 / float(np.mean(times)),
                 seconds_per_sample=float(np.mean(times)),
@@ -285,7 +289,7 @@ def _format_row(r: dict) -> str:
     return (
         f"{r['shape']:>14} {r['voxels']:>10} voxels  {r['samples_per_s']:8.3f} samples/s  "
         f"{r['cpu_seconds_per_sample']:7.1f} CPU s/sample  "
-        f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']})  "
+        f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']}, malloc {r['malloc']})  "
         f"{r['peak_memory_mib']:9.0f} MiB ({r['peak_memory_kind']})"
     )
 
@@ -321,7 +325,7 @@ def _run_prompts_cmd(args) -> int:
 
 def _run_throughput_cmd(args) -> int:
     results = measure_throughput(args.shapes, args.device, args.steps, args.model_config, args.amp,
-                                 args.grad_clicks)
+                                 args.grad_clicks, args.tune_malloc)
     for r in results:
         print(_format_row(r))
     if args.out:

@@ -133,3 +133,14 @@ def test_validation_reports_the_prompt_controls(npz_dataset):
     assert val["wrong_box_dsc"] is not None and 0 <= val["wrong_box_dsc"] <= 1
     assert 0 <= val["click_change_fraction"] <= 1
     assert val["dsc_gain_per_click"] == pytest.approx((val["dsc"][-1] - val["dsc"][0]) / 5)
+
+
+def test_train_bench_throughput_runs_the_whole_step_with_the_cheaper_options():
+    from ENSAMTrainingLib.bench import measure_throughput
+
+    # tune_malloc=False: mallopt would apply to the whole test process (devices' own test runs it apart)
+    (row,) = measure_throughput([(16, 24, 24)], "cpu", steps=1, model_config=TINY_MODEL, grad_clicks=1,
+                                tune_malloc=False)
+    assert row["steps_run"] == 6 and row["grad_clicks"] == 1 and row["samples_per_s"] > 0
+    assert row["malloc"] == "default"
+    assert row["cpu_seconds_per_sample"] > 0 and row["amp"] is True
