@@ -171,7 +171,9 @@ def ensure_dependencies() -> bool:
     """Inside Slicer: install what is missing after asking. True when everything is there now.
 
     Returns False (and tells the user why) when the user declined, the PyTorch extension is
-    missing, or a bundled package is broken; raises nothing for those cases.
+    missing, a bundled package is broken, or an installation failed (no network, pip's error: shown in a
+    message box and the log); raises nothing. The callers are Qt slots, where an exception would only reach
+    the Python console.
     """
     import slicer
 
@@ -181,14 +183,29 @@ def ensure_dependencies() -> bool:
     if plan.broken:
         slicer.util.errorDisplay(plan.describe(), windowTitle="ENSAM: missing packages")
         return False
-    if plan.torch and not _install_torch():
-        return False
-    if plan.pip:
-        question = "ENSAM needs these Python packages, installed with pip: " + ", ".join(plan.pip) + ". Install now?"
-        if not slicer.util.confirmOkCancelDisplay(question, windowTitle="ENSAM: install packages"):
-            logging.info("ENSAM: installation of %s declined", plan.pip)
+    try:
+        if plan.torch and not _install_torch():
             return False
-        slicer.util.pip_install(" ".join(plan.pip))
+        if plan.pip:
+            question = "ENSAM needs these Python packages, installed with pip: " + ", ".join(plan.pip) + ". Install now?"
+            if not slicer.util.confirmOkCancelDisplay(question, windowTitle="ENSAM: install packages"):
+                logging.info("ENSAM: installation of %s declined", plan.pip)
+                return False
+            import qt
+
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)  # as slicer.util.tryWithErrorDisplay(waitCursor=True)
+            try:
+                slicer.util.pip_install(" ".join(plan.pip))
+            finally:
+                slicer.app.restoreOverrideCursor()
+    except Exception as error:  # pip's CalledProcessError, light-the-torch's errors, no network, ...
+        import traceback
+
+        logging.exception("ENSAM: installing Python packages failed")
+        slicer.util.errorDisplay(f"ENSAM could not install its Python packages: {error}\n\nThe Python console "
+                                 "(View > Python Console) has pip's output.", windowTitle="ENSAM: installation failed",
+                                 detailedText=traceback.format_exc())
+        return False
     importlib.invalidate_caches()
     if plan.restart:
         slicer.util.infoDisplay("Packages were upgraded: restart Slicer before using ENSAM.", windowTitle="ENSAM")
