@@ -21,7 +21,11 @@ def test_install_lists_it_for_ensamsegment(tmp_path, tiny_model):
     assert installed == folder / "My-liver-model.pt"
     assert installed.read_bytes() == tiny_model.read_bytes()
     assert ("My-liver-model", installed) in model_choices(folder)  # ENSAMSegment's own function
-    assert sorted(p.name for p in folder.iterdir()) == ["My-liver-model.pt"]  # no temporary file left
+    # no temporary file left; registered (sha256), as `ensam models import` does
+    assert sorted(p.name for p in folder.iterdir()) == ["My-liver-model.pt", "models.json"]
+    from ENSAMSegmentLib.core.modelstore import load_registry
+
+    assert load_registry(folder).get("My-liver-model").file == "My-liver-model.pt"
     again = install_model(tiny_model, "My liver model!", folder)
     assert again == folder / "My-liver-model-2.pt" and installed.exists()  # the first is kept
     assert install_model(tiny_model, "My liver model!", folder, overwrite=True) == installed

@@ -5,17 +5,14 @@ ENSAMSegment offers the shipped default model and every ``*.pt`` in USER_MODELS_
 and function, so a model installed here is one ENSAMSegment offers.
 
 `install_model` refuses anything that is not a complete model file (modelfile.load_model must
-build the network and load every weight) and installs atomically: a temporary file in the
-target folder (named ``*.tmp``, which the ``*.pt`` listing ignores), checked again after the
-copy, then renamed. An interrupted copy never shows up as a model.
+build the network and load every weight) and installs through core/modelstore.import_model:
+atomically (a temporary file, checked against the source's sha256, then renamed: an interrupted
+copy never shows up as a model) and registered in the folder's models.json.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from ENSAMSegmentLib.mrml.promptcontroller import USER_MODELS_DIR, model_choices
@@ -73,34 +70,27 @@ def _free_path(folder: Path, stem: str) -> Path:
 
 
 def install_model(source, name: str | None = None, folder: Path | None = None, overwrite: bool = False) -> Path:
-    """Copy the model file ``source`` into ``folder`` (default USER_MODELS_DIR) as ``<name>.pt``.
+    """Import the model file ``source`` into ``folder`` (default USER_MODELS_DIR) as ``<name>.pt`` and
+    register it there (modelstore.import_model, as `ensam models import`: complete file, atomic copy,
+    sha256 recorded, so ENSAMSegment verifies it on load).
 
     ``name`` defaults to the source's run folder name when the file is called model.pt. An
     existing model of that name is kept (the new one gets -2, -3, ...) unless ``overwrite``.
     Returns the installed path.
     """
+    from ENSAMSegmentLib.core.modelfile import ModelFileError
+    from ENSAMSegmentLib.core.modelstore import ModelStoreError, import_model
+
     source = Path(source)
     check_model_file(source)
     folder = Path(folder) if folder is not None else USER_MODELS_DIR
     stem = model_name(name or (source.parent.name if source.name == "model.pt" else source.stem))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelInstallError(f"cannot create the models folder {folder}: {error}") from None
     target = folder / f"{stem}.pt" if overwrite else _free_path(folder, stem)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-            out.flush()
-            os.fsync(out.fileno())
-        check_model_file(tmp)
-        os.replace(tmp, target)
-    except OSError as error:
+        entry = import_model(source, target.stem, folder, replace=overwrite)
+    except (ModelStoreError, ModelFileError, OSError) as error:
         raise ModelInstallError(f"cannot install {source} into {folder}: {error}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return folder / entry.file
 
 
 __all__ = ["USER_MODELS_DIR", "ModelInstallError", "check_model_file", "describe_model", "install_model",
