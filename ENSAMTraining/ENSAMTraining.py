@@ -36,6 +36,7 @@ from ENSAMTrainingLib.slicerlogic.command import DEFAULT_EPOCHS, DEFAULT_VOXEL_B
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POLL_INTERVAL_MS = 500
+DATA_FOLDER_DELAY_MS = 600  # the data folder is described once typing has paused this long
 
 
 class ENSAMTraining(ScriptedLoadableModule):
@@ -131,6 +132,12 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.trainOnSceneButton.connect("clicked()", self.onTrainOnScene)
         ui.useInSegmentButton.connect("clicked()", self.onUseInSegment)
         ui.showChartButton.connect("clicked()", self.onShowChart)
+        # currentPathChanged fires on every keystroke that forms a path (ctkPathLineEdit): describe the
+        # folder (a walk of its tree) only once typing has paused
+        self.dataFolderTimer = qt.QTimer()
+        self.dataFolderTimer.setSingleShot(True)
+        self.dataFolderTimer.setInterval(DATA_FOLDER_DELAY_MS)
+        self.dataFolderTimer.connect("timeout()", self.onDataFolderSettled)
         ui.dataFolderPathLineEdit.connect("currentPathChanged(QString)", self.onDataFolderChanged)
 
         self.timer = qt.QTimer()
@@ -215,7 +222,11 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
         return result
 
-    def onDataFolderChanged(self, path):
+    def onDataFolderChanged(self, _path):
+        self.dataFolderTimer.start()  # (re)starts: onDataFolderSettled runs once typing has paused
+
+    def onDataFolderSettled(self):
+        path = self.ui.dataFolderPathLineEdit.currentPath
         self.ui.dataSummaryLabel.text = self.logic.describeDataFolder(path) if path else ""
 
     def onSelectCoreset(self):
@@ -332,14 +343,11 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
     def describeDataFolder(path):
         """What the folder holds, or why it cannot be trained on ("" before torch is installed)."""
         from ENSAMSegmentLib.slicerui import dependencies
-        from ENSAMTrainingLib.slicerlogic.command import SetupError, check_data_folder
+        from ENSAMTrainingLib.slicerlogic.command import describe_data_folder
 
         if not dependencies.current_plan().satisfied:
             return ""
-        try:
-            return check_data_folder(path).describe()
-        except SetupError as error:
-            return str(error)
+        return describe_data_folder(path)
 
     def selectCoreset(self, p):
         from ENSAMTrainingLib.slicerlogic.command import parse_exclude

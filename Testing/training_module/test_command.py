@@ -151,3 +151,18 @@ def test_run_folders(tmp_path):
 def test_flags_are_json_for_structures():
     assert command._flags({"a": 1, "b": True, "c": False, "d": None, "e": [1, 2], "f": {"x": 1}}) == [
         "--a", "1", "--b", "--e", json.dumps([1, 2]), "--f", json.dumps({"x": 1})]
+
+
+def test_describing_a_huge_tree_does_not_walk_it(tmp_path, monkeypatch):
+    from ENSAMTrainingLib.slicerlogic import command
+
+    folder = tmp_path / "tree"
+    for i in range(30):
+        (folder / f"d{i}").mkdir(parents=True)
+        (folder / f"d{i}" / "x.txt").write_text("")
+    monkeypatch.setattr(command, "QUICK_LOOK_ENTRIES", 40)
+    text = command.describe_data_folder(folder)
+    assert text.startswith("more than 40 files and folders under") and "counted at Start" in text
+    monkeypatch.setattr(command, "QUICK_LOOK_ENTRIES", 1000)
+    assert command.describe_data_folder(folder).startswith("no training cases in")  # small: walked
+    assert "does not exist" in command.describe_data_folder(tmp_path / "missing")

@@ -18,6 +18,8 @@ this torch does not have), `coreset_problem` (a coreset that leaves a dataset wi
 
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +229,31 @@ class DataSummary:
         return text + (f", {self.unlabelled} without a label file" if self.unlabelled else "")
 
 
+QUICK_LOOK_ENTRIES = 20_000  # describe_data_folder looks at most at this many files and folders
+
+
+def too_many_entries(folder: Path, limit: int) -> bool:
+    """True when the tree under `folder` holds more than `limit` files and folders (stops counting there)."""
+    seen = 0
+    for _root, dirs, files in os.walk(folder):
+        seen += len(dirs) + len(files)
+        if seen > limit:
+            return True
+    return False
+
+
+def describe_data_folder(folder) -> str:
+    """One line for the data-folder field while the user types: what it holds (check_data_folder), or
+    why it cannot be trained on; a tree too large to walk at once (a typed "/", a whole disk) is not
+    walked (the cases are counted when training starts, in its own process)."""
+    try:
+        if folder and Path(folder).expanduser().is_dir() and too_many_entries(Path(folder).expanduser(), QUICK_LOOK_ENTRIES):
+            return f"more than {QUICK_LOOK_ENTRIES:,} files and folders under {folder}: its cases are counted at Start"
+        return check_data_folder(folder).describe()
+    except SetupError as error:
+        return str(error)
+
+
 def check_data_folder(folder) -> DataSummary:
     """Cases under ``folder`` (data.find_cases); SetupError when there is nothing to train on."""
     from ENSAMTrainingLib.cases import DataError, find_cases
@@ -281,6 +308,7 @@ __all__ = [
     "TrainCommand",
     "TrainSettings",
     "check_data_folder",
+    "describe_data_folder",
     "check_device",
     "child_environment",
     "coreset_command",
