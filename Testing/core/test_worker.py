@@ -332,3 +332,14 @@ def test_a_known_identity_stands_in_for_hashing_the_image(kind, model_file, imag
         assert changed.encoded and session.object_ids == ()
     finally:
         session.close()
+
+
+def test_a_missing_default_model_says_where_to_get_one(tmp_path, monkeypatch):
+    missing = tmp_path / "Models" / "ensam-default.pt"
+    monkeypatch.setattr("ENSAMSegmentLib.core.modelfile.default_model_path", lambda: missing)
+    with pytest.raises(ModelLoadError) as error:
+        WorkerSession(model_path=missing, device="cpu")
+    assert f"the default model file {missing} is missing" in str(error.value)
+    assert "Model panel" in str(error.value) and "`make setup`" in str(error.value)
+    with pytest.raises(ModelLoadError, match="mine.pt: no such file"):
+        WorkerSession(model_path=tmp_path / "mine.pt", device="cpu")

@@ -83,10 +83,10 @@ def check_device(device: str) -> None:
 
 
 def missing_default_model(path: Path) -> str:
-    """What to do when the default model file is missing."""
-    return (f"the default model file {path} is missing. In a source tree `make setup` writes it (an untrained "
-            "placeholder until a trained model ships: README 'Model card'); or pass a model file with "
-            "--checkpoint FILE")
+    """What to do when the default model file is missing (modelfile.missing_model_message)."""
+    from ENSAMSegmentLib.core.modelfile import missing_model_message
+
+    return missing_model_message(path)
 
 
 def check_model(checkpoint: Path | None) -> None:

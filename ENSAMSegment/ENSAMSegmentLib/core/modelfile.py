@@ -154,10 +154,21 @@ def _plain(value, where: str):
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in a model file (plain data only)")
 
 
+def missing_model_message(path) -> str:
+    """Why `path` cannot be loaded when it does not exist, with the next step for the default model."""
+    path = Path(path)
+    if path.resolve() != default_model_path().resolve():
+        return f"model file {path}: no such file"
+    return (f"the default model file {path} is missing. In a source tree `make setup` writes it (an untrained "
+            "placeholder until a trained model ships: README 'Model card'); in Slicer, choose a model in the "
+            "Model panel (one trained with ENSAM Training) or reinstall the extension; on the command line, "
+            "pass --checkpoint FILE")
+
+
 def _read(path, mmap: bool) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ModelFileNotFoundError(f"model file {path}: no such file")
+        raise ModelFileNotFoundError(missing_model_message(path))
     check_registered(path)
     with open(path, "rb") as f:
         head = f.read(4)

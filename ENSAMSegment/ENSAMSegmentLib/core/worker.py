@@ -93,7 +93,9 @@ class WorkerSession:
                  env: dict | None = None, **options):
         self.model_path = None if model_path is None or str(model_path) in ("", ".") else str(model_path)
         if self.model_path is not None and not Path(self.model_path).is_file():  # said now, not in a few seconds
-            raise ModelLoadError(f"model file {self.model_path}: no such file")
+            from .modelfile import missing_model_message
+
+            raise ModelLoadError(missing_model_message(self.model_path))
         self.device = device
         self.options = dict(options)
         self.max_image_voxels = int(options.get("max_image_voxels", MAX_IMAGE_VOXELS))
