@@ -144,3 +144,16 @@ def test_train_bench_throughput_runs_the_whole_step_with_the_cheaper_options():
     assert row["steps_run"] == 6 and row["grad_clicks"] == 1 and row["samples_per_s"] > 0
     assert row["malloc"] == "default"
     assert row["cpu_seconds_per_sample"] > 0 and row["amp"] is True
+
+
+def test_crop_margins_follow_the_object_size():
+    from ENSAMTrainingLib.data import margin_range, random_crop
+
+    assert margin_range((0, 0, 0), (4, 4, 4)) == (1, 8)  # a lesion: at most 8 voxels around it
+    assert margin_range((0, 0, 0), (48, 3, 3)) == (1, 8)  # a thin vessel (geometric mean 7.6)
+    assert margin_range((0, 0, 0), (20, 20, 20)) == (1, 20)
+    assert margin_range((0, 0, 0), (100, 120, 90)) == (1, 64)  # an organ: the paper's 1-64
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # a 4^3 object keeps at least (4/20)^3 = 0.8 % of its crop
+        crop = random_crop((30, 30, 30), (34, 34, 34), (100, 100, 100), rng)
+        assert all(s.stop - s.start <= 4 + 16 for s in crop)

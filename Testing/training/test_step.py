@@ -34,7 +34,7 @@ def test_box_then_five_clicks_with_detached_prev_logits(four_cases):
     torch.manual_seed(0)
     model = Recording(ENSAMConfig(**TINY_MODEL))
     sample = sample_of(four_cases)
-    loss, step_losses = InteractiveStep(model)(sample)
+    loss, step_losses = InteractiveStep(model, stop_when_stuck=False)(sample)  # all 6 steps, even when stuck
     assert len(model.calls) == 6 and step_losses.shape == (6,)
     torch.testing.assert_close(loss.detach(), step_losses.mean())
     labels = [labels for labels, _ in model.calls]
