@@ -273,6 +273,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--model-config", type=json.loads, help="ENSAMConfig fields as JSON")
     t.add_argument("--no-amp", dest="amp", action="store_false", help="float32 (default: bf16 where training uses it)")
     t.add_argument("--grad-clicks", type=int, help="click steps with gradients per sample (default: all)")
+    t.add_argument("--system-malloc", dest="tune_malloc", action="store_false",
+                   help="leave glibc's malloc as it is (default: freed memory kept, as the trainer does)")
     t.add_argument("--out", help="write the results as JSON here")
     t.set_defaults(func=_later("bench", "_run_throughput_cmd"))
     return p

@@ -157,3 +157,16 @@ def test_crop_margins_follow_the_object_size():
     for _ in range(20):  # a 4^3 object keeps at least (4/20)^3 = 0.8 % of its crop
         crop = random_crop((30, 30, 30), (34, 34, 34), (100, 100, 100), rng)
         assert all(s.stop - s.start <= 4 + 16 for s in crop)
+
+
+def test_train_bench_throughput_command_takes_its_options(tmp_path, capsys):
+    import json
+
+    from ENSAMSegmentLib.cli.main import main
+
+    out = tmp_path / "t.json"
+    assert main(["train-bench", "throughput", "--shapes", "16,24,24", "--steps", "1", "--device", "cpu",
+                 "--model-config", json.dumps(TINY_MODEL), "--grad-clicks", "2", "--system-malloc", "--no-amp",
+                 "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["grad_clicks"], row["malloc"], row["amp"], row["shape"]) == (2, "default", False, "16x24x24")
