@@ -1,4 +1,4 @@
-"""Which Python starts ENSAM's child processes (inference worker, training, coreset), and with what.
+"""Which Python starts ENSAM's child processes (inference worker, training, coreset), with what, and how they ended.
 
 Inside the Slicer application `sys.executable` is the *launcher* `PythonSlicer`, not an interpreter:
 qSlicerCoreApplication::handleCommandLineArguments sets it to QStandardPaths::findExecutable("PythonSlicer")
@@ -23,6 +23,7 @@ first on the child's PYTHONPATH.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -78,3 +79,16 @@ def new_group_options() -> dict:
 
         return {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
+
+
+def describe_exit(returncode) -> str:
+    """'exited with code 1' / 'was killed (signal 9, SIGKILL)'."""
+    if returncode is None:
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed (signal {-returncode}, {name})"
+    return f"exited with code {returncode}"

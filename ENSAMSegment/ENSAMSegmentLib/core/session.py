@@ -92,7 +92,8 @@ from .session_types import (  # noqa: F401 (re-exported: the session's public na
     DEFAULT_CLICK_WINDOW, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, VOXEL_BUDGET, ImageReport, ImageTooLargeError,
     InvalidImageError, InvalidPromptError, ModelLoadError, NoImageError, ObjectPrompts, SegmentationUpdate,
     SessionClosedError, SessionError, StaleRequest, UnknownObjectError, WorkerCrashedError, check_box, check_image,
-    check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget, image_fingerprint,
+    check_image_request, check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget,
+    image_fingerprint,
 )
 
 
@@ -253,11 +254,8 @@ class InferenceSession(SessionEngine):
         identity: what makes this image the same as an earlier one, when the caller knows it (else every
         byte is hashed: image_fingerprint)."""
         self._check_open()
-        array = check_image(array_zyx)
-        spacing = check_spacing(spacing_zyx)
-        modality, ct_window = check_intensity_options(modality, ct_window)
-        check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
-        fingerprint = image_fingerprint(array, spacing, modality, ct_window, identity)
+        array, spacing, modality, ct_window, fingerprint = check_image_request(
+            self, array_zyx, spacing_zyx, modality, ct_window, identity)
         with self._lock:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:

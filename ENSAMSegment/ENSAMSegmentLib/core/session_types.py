@@ -245,3 +245,14 @@ def image_fingerprint(array: np.ndarray, spacing, modality, ct_window, identity=
     else:
         digest = ("identity", repr(identity))
     return data.shape, data.dtype.str, tuple(spacing), modality, str(ct_window), digest
+
+
+def check_image_request(session, array_zyx, spacing_zyx, modality, ct_window, identity):
+    """What both session kinds check when an image is submitted, before anything changes: the array, the
+    spacing, the intensity options and the size against `session`'s limits (max_image_voxels,
+    global_voxel_budget, max_pool_factor). -> (array, spacing, modality, ct_window, fingerprint)."""
+    array = check_image(array_zyx)
+    spacing = check_spacing(spacing_zyx)
+    modality, ct_window = check_intensity_options(modality, ct_window)
+    check_size(array.shape, session.max_image_voxels, session.global_voxel_budget, session.max_pool_factor)
+    return array, spacing, modality, ct_window, image_fingerprint(array, spacing, modality, ct_window, identity)

@@ -49,13 +49,12 @@ from pathlib import Path
 import numpy as np
 
 from . import worker_wire as wire
-from .interpreter import child_environment, new_group_options, python_interpreter
+from .interpreter import child_environment, describe_exit, new_group_options, python_interpreter
 from .session_masks import MaskCrop
 from .session_types import (
-    MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, VOXEL_BUDGET, ImageReport, ModelLoadError, NoImageError, ObjectPrompts,
-    SegmentationUpdate, SessionClosedError, SessionError, UnknownObjectError, WorkerCrashedError, check_box,
-    check_image, check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget,
-    image_fingerprint,
+    ImageReport, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, ModelLoadError, NoImageError, ObjectPrompts,
+    SegmentationUpdate, SessionClosedError, SessionError, UnknownObjectError, VOXEL_BUDGET,
+    WorkerCrashedError, check_box, check_image_request, check_voxel, default_global_budget,
 )
 
 WORKER_MODULE = "ENSAMSegmentLib.core.worker_main"
@@ -226,11 +225,8 @@ class WorkerSession:
         """As InferenceSession.submit_image; a different image goes to the worker (sent at once, or when it
         connects), the same image again only as a note (no transfer, no encoding, objects kept)."""
         self._check_open()
-        array = check_image(array_zyx)
-        spacing = check_spacing(spacing_zyx)
-        modality, ct_window = check_intensity_options(modality, ct_window)
-        check_size(array.shape, self.max_image_voxels, self.global_voxel_budget, self.max_pool_factor)
-        fingerprint = image_fingerprint(array, spacing, modality, ct_window, identity)
+        array, spacing, modality, ct_window, fingerprint = check_image_request(
+            self, array_zyx, spacing_zyx, modality, ct_window, identity)
         with self._lock:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:
@@ -476,19 +472,6 @@ class WorkerSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def describe_exit(returncode) -> str:
-    """'exited with code 1' / 'was killed (signal 9, SIGKILL)'."""
-    if returncode is None:
-        return "stopped answering"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed (signal {-returncode}, {name})"
-    return f"exited with code {returncode}"
 
 
 def last_line(path: Path) -> str:

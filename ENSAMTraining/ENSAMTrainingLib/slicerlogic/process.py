@@ -33,7 +33,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from ENSAMSegmentLib.core.interpreter import new_group_options
+from ENSAMSegmentLib.core.interpreter import describe_exit, new_group_options
 
 from .command import TrainCommand
 from .progressparser import FAILED, FINISHED, INTERRUPTED, STOPPED, WAITING, ProgressParser
@@ -74,17 +74,6 @@ def _incomplete_utf8_tail(data: bytes) -> int:
             need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
             return back if need > back else 0
     return 0
-
-
-def describe_exit(returncode: int) -> str:
-    """'exited with code 1' / 'was killed (signal 9, SIGKILL)'."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed (signal {-returncode}, {name})"
-    return f"exited with code {returncode}"
 
 
 class BackgroundCommand:
