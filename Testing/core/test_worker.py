@@ -145,9 +145,9 @@ def test_a_stale_click_is_cancelled_and_its_prompt_travels_with_the_next(worker,
     first = worker.submit_click((14, 22, 24), True, oid)
     second = worker.submit_click((10, 12, 14), False, oid)
     result = worker.wait(second)  # what the in-process session does: earlier queued prompts ride along
-    assert box.cancelled() or box.result().step == 1
-    assert first.cancelled() or first.result().step == 2
-    assert first.cancelled() or box.cancelled() or result.step == 3
+    # which earlier requests were cancelled depends on timing; those that ran are steps 1, 2, ... in order
+    ran = [future.result().step for future in (box, first, second) if not future.cancelled()]
+    assert ran == list(range(1, len(ran) + 1)) and ran[-1] == result.step
     assert result.prompts.box == BOX and result.prompts.fg == ((14, 22, 24),) and result.prompts.bg == ((10, 12, 14),)
     assert worker.object_prompts(oid) == result.prompts
 
