@@ -16,7 +16,6 @@ the model never runs in Slicer's process (core/worker.py says why). Needs Slicer
 import logging
 import os
 import time
-import unittest
 from pathlib import Path
 from typing import Annotated
 
@@ -343,15 +342,10 @@ class ENSAMSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Reload and Test: every test; what cannot run in this Slicer is skipped with the reason (no
-        installation, no dialog: the self-tests also run unattended, registered by slicer_add_python_unittest)."""
-        for test in (self.test_mrml_scenarios, self.test_module_widget):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as reason:
-                logging.warning(f"ENSAMSegmentTest.{test.__name__} skipped: {reason}")
-                self.delayDisplay(f"{test.__name__} skipped: {reason}")
+        """Reload and Test: every test; what cannot run in this Slicer is skipped with the reason."""
+        from ENSAMSegmentLib.slicerui.selftest import run_each
+
+        run_each(self, (self.test_mrml_scenarios, self.test_module_widget))
 
     def _requireSlicer(self):
         problem = _versionProblem()

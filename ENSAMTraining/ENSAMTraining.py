@@ -15,7 +15,6 @@ that need it import it when a button is pressed).
 
 import logging
 import tempfile
-import unittest
 from pathlib import Path
 from typing import Annotated
 
@@ -437,15 +436,10 @@ class ENSAMTrainingTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Reload and Test: every test; what cannot run in this Slicer is skipped with the reason (no
-        installation, no dialog: the self-tests also run unattended, registered by slicer_add_python_unittest)."""
-        for test in (self.test_logic_scenarios, self.test_module_widget):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as reason:
-                logging.warning(f"ENSAMTrainingTest.{test.__name__} skipped: {reason}")
-                self.delayDisplay(f"{test.__name__} skipped: {reason}")
+        """Reload and Test: every test; what cannot run in this Slicer is skipped with the reason."""
+        from ENSAMSegmentLib.slicerui.selftest import run_each
+
+        run_each(self, (self.test_logic_scenarios, self.test_module_widget))
 
     def _requireTorch(self):
         from ENSAMSegmentLib.slicerui import dependencies
