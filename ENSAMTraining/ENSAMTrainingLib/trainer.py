@@ -622,7 +622,8 @@ def export_model(state: dict | str | Path, path: str | Path, dtype: torch.dtype 
     notes = (f"ensam train: epoch {state['epoch']} of {config.epochs}, {state['step']} steps, {state['samples']} samples, "
              f"{state['elapsed_s'] / 3600:.2f} h, optimizer {config.optimizer}, voxel budget {config.voxel_budget}, "
              f"seed {config.seed}")
-    return save_model(path, model, training_data=data, metrics=state.get("last_val"), notes=notes, dtype=dtype)
+    return save_model(path, model, training_data=data, metrics=state.get("last_val"), notes=notes, dtype=dtype,
+                      voxel_budget=config.voxel_budget)
 
 
 def train(config: TrainConfig, progress: ProgressStream | None = None) -> TrainResult:

@@ -24,7 +24,7 @@ def trained_file(tmp_path):
     """A small model file that says it was trained (register refuses untrained ones)."""
     torch.manual_seed(1)
     return save_model(tmp_path / "run" / "model.pt", ENSAM(TINY), training_data="phantoms (test)",
-                      metrics={"final_dsc": 0.5}, notes="test model")
+                      metrics={"final_dsc": 0.5}, notes="test model", voxel_budget=196_608)
 
 
 def test_registry_round_trip(tmp_path):
@@ -119,6 +119,7 @@ def test_register_writes_float16_metadata_and_the_entry(tmp_path, trained_file):
     info = read_model_info(path)
     assert (info.training_data, info.metrics, info.notes) == ("dev data", {"final_dsc": 0.8, "auc": 4.0}, "v1")
     assert info.created == read_model_info(trained_file).created  # the training date, not today's
+    assert info.voxel_budget == 196_608  # the training patch budget travels (the session's grid default)
     assert entry == Registry.load(folder).get("ensam-default") and Registry.load(folder).default == "ensam-default"
     assert (entry.sha256, entry.bytes) == (registry.file_sha256(path), path.stat().st_size)
     assert entry.weights_dtype == "float16" and entry.architecture == TINY.to_dict()

@@ -343,3 +343,18 @@ def test_a_missing_default_model_says_where_to_get_one(tmp_path, monkeypatch):
     assert "Model panel" in str(error.value) and "`make setup`" in str(error.value)
     with pytest.raises(ModelLoadError, match="mine.pt: no such file"):
         WorkerSession(model_path=tmp_path / "mine.pt", device="cpu")
+
+
+def test_the_worker_reports_the_model_s_own_grid_budget(tmp_path):
+    from ENSAMSegmentLib.core.modelfile import save_model
+    from ENSAMSegmentLib.core.network import ENSAM
+
+    path = save_model(tmp_path / "m.pt", ENSAM(ENSAMConfig(**SMALL)), training_data="test", voxel_budget=4096)
+    session = WorkerSession(path, "cpu", torch_threads=1)
+    try:
+        assert session.voxel_budget == 8_388_608  # until the worker has read the model
+        while not session.ready:
+            session.poll(0.05)
+        assert (session.voxel_budget, session.global_voxel_budget) == (4096, 4096)
+    finally:
+        session.close()

@@ -210,5 +210,6 @@ def test_export_a_stopped_run_as_a_model_file(four_cases, tmp_path, capsys):
         assert torch.equal(value, expected[key]), key
         torch.testing.assert_close(m16.state_dict()[key], value, rtol=1e-3, atol=1e-3)
     assert "2 steps, 4 samples" in info.notes and str(four_cases) in info.training_data
+    assert info.voxel_budget == TINY_BUDGET  # the session works at the scale it was trained at
     assert main(["train", "--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()

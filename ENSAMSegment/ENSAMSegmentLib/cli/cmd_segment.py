@@ -109,8 +109,9 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     """The InferenceSession options of segment, predict and evaluate; not given = the session's default."""
     add_click_window_argument(parser)
     parser.add_argument("--voxel-budget", type=_budget, default=None, metavar="N",
-                        help="largest grid the model sees at once, in voxels (default: the session's, 8388608 = "
-                             "128x256x256): a box region above it is max-pooled to fit")
+                        help="largest grid the model sees at once, in voxels (default: the budget the model was "
+                             "trained at, recorded in its file; else 8388608 = 128x256x256): a box region above it "
+                             "is max-pooled to fit")
 
 
 def session_options(args) -> dict:

@@ -78,6 +78,7 @@ class ModelInfo:
     notes: str = ""
     parameters: int = 0
     weights_dtype: str = ""  # float32, or float16 for shipped files
+    voxel_budget: int | None = None  # the patch budget it was trained at: the session's default grid budget
 
     @property
     def untrained(self) -> bool:
@@ -88,7 +89,7 @@ class ModelInfo:
                 "created": self.created, "ensam_version": self.ensam_version,
                 "training_data": self.training_data, "untrained": self.untrained,
                 "metrics": self.metrics, "notes": self.notes, "parameters": self.parameters,
-                "weights_dtype": self.weights_dtype}
+                "weights_dtype": self.weights_dtype, "voxel_budget": self.voxel_budget}
 
 
 def default_model_path() -> Path:
@@ -98,9 +99,12 @@ def default_model_path() -> Path:
 
 
 def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | None = None,
-               notes: str = "", dtype: torch.dtype | None = None, created: str | None = None) -> Path:
+               notes: str = "", dtype: torch.dtype | None = None, created: str | None = None,
+               voxel_budget: int | None = None) -> Path:
     """Write `model` (weights + config + metadata) to `path` atomically; returns the path.
-    dtype: store floating-point weights in this type (torch.float16 for shipped files)."""
+    dtype: store floating-point weights in this type (torch.float16 for shipped files).
+    voxel_budget: the largest patch it was trained on (voxels); the inference session then works on grids
+    of that size by default, so that objects appear at the scale the model learnt them."""
     path = Path(path)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if dtype is not None:
@@ -116,6 +120,8 @@ def save_model(path, model: ENSAM, *, training_data: str = "", metrics: dict | N
         "metrics": _plain(dict(metrics or {}), "metrics"),
         "notes": str(notes),
     }
+    if voxel_budget is not None:
+        payload["voxel_budget"] = int(voxel_budget)
     return atomic_torch_save(payload, path)
 
 
@@ -223,7 +229,11 @@ def _info(path, payload: dict) -> ModelInfo:
         training_data=str(payload.get("training_data", "")), metrics=dict(payload.get("metrics") or {}),
         notes=str(payload.get("notes", "")),
         parameters=sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)),
-        weights_dtype=_weights_dtype(weights))
+        weights_dtype=_weights_dtype(weights), voxel_budget=_optional_int(payload.get("voxel_budget")))
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _weights_dtype(weights: dict) -> str:

@@ -223,7 +223,7 @@ def register_model(source, name: str, folder=None, *, training_data: str | None 
         save_model(tmp, model, dtype=dtype, created=info.created or None,
                    training_data=info.training_data if training_data is None else training_data,
                    metrics=info.metrics if metrics is None else metrics,
-                   notes=info.notes if notes is None else notes)
+                   notes=info.notes if notes is None else notes, voxel_budget=info.voxel_budget)
         size = tmp.stat().st_size
         if max_bytes and size > max_bytes:
             raise ModelStoreError(f"{name}.pt would be {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB "

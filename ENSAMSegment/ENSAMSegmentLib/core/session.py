@@ -92,7 +92,7 @@ from .session_types import (  # noqa: F401 (re-exported: the session's public na
     DEFAULT_CLICK_WINDOW, MAX_IMAGE_VOXELS, MAX_POOL_FACTOR, VOXEL_BUDGET, ImageReport, ImageTooLargeError,
     InvalidImageError, InvalidPromptError, ModelLoadError, NoImageError, ObjectPrompts, SegmentationUpdate,
     SessionClosedError, SessionError, StaleRequest, UnknownObjectError, WorkerCrashedError, check_box, check_image,
-    check_image_request, check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget,
+    check_budgets, check_image_request, check_intensity_options, check_size, check_spacing, check_voxel, default_global_budget,
     image_fingerprint,
 )
 
@@ -104,24 +104,23 @@ class InferenceSession(SessionEngine):
     """Interactive ENSAM segmentation of one image (see the module docstring)."""
 
     def __init__(self, model=None, model_path=None, device="auto", *, precision: str = "auto",
-                 voxel_budget: int = VOXEL_BUDGET, global_voxel_budget: int | None = None,
+                 voxel_budget: int | None = None, global_voxel_budget: int | None = None,
                  decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = MAX_POOL_FACTOR, max_image_voxels: int = MAX_IMAGE_VOXELS, max_undo: int | None = 32,
                  max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int | None = None,
                  click_window_growth: int = 1):
         if max_undo is not None and max_undo < 1:
             raise ValueError(f"max_undo must be >= 1 or None (unlimited), got {max_undo}")
-        global_voxel_budget = default_global_budget(voxel_budget, global_voxel_budget)
-        if not 512 <= global_voxel_budget <= voxel_budget:
-            raise ValueError(f"need 512 <= global_voxel_budget ({global_voxel_budget}) <= voxel_budget "
-                             f"({voxel_budget})")
+        check_budgets(voxel_budget or VOXEL_BUDGET, global_voxel_budget)  # before the model loads
         try:
             self.device = devices.resolve_device(device)
             self.amp_dtype = devices.autocast_dtype(self.device, precision)
         except ValueError as error:
             raise SessionError(str(error)) from None
         self.model, self.model_info = self._load(model, model_path)
-        self.voxel_budget, self.global_voxel_budget = int(voxel_budget), int(global_voxel_budget)
+        # None: the budget the model was trained at (objects at the scale it learnt), else VOXEL_BUDGET
+        voxel_budget = voxel_budget or getattr(self.model_info, "voxel_budget", None) or VOXEL_BUDGET
+        self.voxel_budget, self.global_voxel_budget = check_budgets(voxel_budget, global_voxel_budget)
         self.decode_margin, self.context_margin = int(decode_margin), int(context_margin)
         self.full_decode_fraction, self.max_pool_factor = float(full_decode_fraction), int(max_pool_factor)
         self.max_image_voxels, self.max_undo = int(max_image_voxels), max_undo

@@ -219,6 +219,15 @@ def default_global_budget(voxel_budget: int, global_voxel_budget: int | None = N
     return min(TRAINING_VOXEL_BUDGET, int(voxel_budget))
 
 
+def check_budgets(voxel_budget: int, global_voxel_budget: int | None = None) -> tuple[int, int]:
+    """(voxel_budget, global view budget), or ValueError unless 512 <= global <= voxel_budget."""
+    global_voxel_budget = default_global_budget(voxel_budget, global_voxel_budget)
+    if not 512 <= global_voxel_budget <= voxel_budget:
+        raise ValueError(f"need 512 <= global_voxel_budget ({global_voxel_budget}) <= voxel_budget "
+                         f"({voxel_budget})")
+    return int(voxel_budget), int(global_voxel_budget)
+
+
 def check_size(shape, max_image_voxels: int, global_voxel_budget: int, max_pool_factor: int) -> None:
     """ImageTooLargeError for an image above `max_image_voxels`, or whose global view would need more
     than `max_pool_factor` downsampling along an axis."""

@@ -98,8 +98,9 @@ class WorkerSession:
         self.device = device
         self.options = dict(options)
         self.max_image_voxels = int(options.get("max_image_voxels", MAX_IMAGE_VOXELS))
-        self.global_voxel_budget = default_global_budget(options.get("voxel_budget", VOXEL_BUDGET),
-                                                         options.get("global_voxel_budget"))
+        # until the worker is ready (it reports the model's own budget): the given budget, else the default
+        self.voxel_budget = int(options.get("voxel_budget") or VOXEL_BUDGET)
+        self.global_voxel_budget = default_global_budget(self.voxel_budget, options.get("global_voxel_budget"))
         self.max_pool_factor = int(options.get("max_pool_factor", MAX_POOL_FACTOR))
         self.device_name = ""  # known once the worker is ready
         self.model_info: dict | None = None
@@ -357,6 +358,9 @@ class WorkerSession:
         if op == "ready":
             self.ready, self.device_name, self.model_info = True, message["device_name"], message["model"]
             self.malloc_tuned = bool(message.get("malloc_tuned"))  # devices.keep_freed_memory in the worker
+            # the worker's session knows the model's own budget (InferenceSession: voxel_budget None)
+            self.voxel_budget = int(message.get("voxel_budget") or self.voxel_budget)
+            self.global_voxel_budget = int(message.get("global_voxel_budget") or self.global_voxel_budget)
             return
         if op == "fatal":
             self.failure = wire.decode_error(message["error"])

@@ -70,7 +70,8 @@ class WorkerServer:
             self.send({"op": "fatal", "error": wire.encode_error(error)})
             return EXIT_FATAL
         self.send({"op": "ready", "pid": os.getpid(), "device_name": self.session.device_name,
-                   "model": _model_summary(self.session.model_info), "malloc_tuned": self.malloc_tuned})
+                   "model": _model_summary(self.session.model_info), "malloc_tuned": self.malloc_tuned,
+                   "voxel_budget": self.session.voxel_budget, "global_voxel_budget": self.session.global_voxel_budget})
         while True:
             message = self.inbox.get()
             op = message.get("op")
