@@ -246,7 +246,8 @@ def test_shortcuts_clash_with_no_slicer_key():
                        ("G", "vtkMRMLSliceIntersectionWidget.cxx:168"), ("R", "vtkMRMLCameraWidget.cxx:111"),
                        ("Ctrl+B", "vtkMRMLCameraWidget.cxx:101"), ("Z", "qMRMLSegmentEditorWidget.cxx:2340"),
                        ("I", "qMRMLSegmentEditorWidget.cxx:2375"), ("Shift+7", "qMRMLSegmentEditorWidget.cxx:2321"),
-                       ("Esc", "qMRMLSegmentEditorWidget.cxx:2328"), ("Ctrl+O", "qSlicerMainWindow.ui:370")]:
+                       ("Esc", "qMRMLSegmentEditorWidget.cxx:2328"), ("Ctrl+O", "qSlicerMainWindow.ui:370"),
+                       ("U", "qMRMLPlotView.cxx:1026")]:
         assert any(c.endswith(where) for c in slicer_keys.clashes(key, bindings)), (key, where)
     keys = [key for _, key in ACTIONS.values()]
     assert len(keys) == len({k.upper() for k in keys}) == 6 and set(TOOLS) < set(ACTIONS)

@@ -5,7 +5,7 @@ PromptPanel as the ENSAMSegment module do the work; this class only maps the Seg
 them: the source volume is the image, the selected segment is the current object, the editor's
 parameter node (a vtkMRMLSegmentEditorNode) supplies the masking and overwrite settings of every
 write, and scriptedEffect.saveStateForUndo() runs before every change, so the editor's own undo
-(Z / Ctrl+Z) restores the segmentation too. The effect's Undo (U) also steps the prompts back.
+(Z / Ctrl+Z) restores the segmentation too. The effect's Undo (X) also steps the prompts back.
 
 The model runs in the application's worker process for the source volume, the same one the module
 uses for that volume (slicerui/sessions.py); the effect's prompt nodes are its own ("ENSAM editor ...").

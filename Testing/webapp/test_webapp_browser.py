@@ -175,7 +175,7 @@ async def _browse(chromium_path: str, url: str, work: Path) -> dict:
             seen["downloads"] = sorted(downloads.glob("*.seg.nrrd"))
             seen["screenshot"] = await page.screenshot(work / "ensam-web.png")  # the segment after box + click
 
-            # Undo (key U) brings back the box's segment; Next object (button) starts segment 2
+            # Undo (key X) brings back the box's segment; Next object (button) starts segment 2
             await page.press_key(KEYS["undo"])
             await page.wait_for(f"{_text('ensam-status')}.startsWith('Object 1: step 1.') && "
                                 "!window.trame.state.get('ensam_busy')", 60, "the undo")

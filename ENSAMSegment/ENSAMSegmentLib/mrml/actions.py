@@ -11,10 +11,11 @@ the source lines: Testing/slicer_keys.txt, checked by Testing/test_slicer_fronte
 * 3-D views (vtkMRMLCameraWidget.cxx): r, arrows, + -, keypad, Home End Insert PageDown, Ctrl+b;
 * markups (vtkSlicerMarkupsWidget.cxx): s, Delete, BackSpace; Escape while placing;
 * Segment Editor (qMRMLSegmentEditorWidget.cxx): 0-9, Shift+0-9, Escape, Space, z y, q w / * , . < >, i;
+* plot views (qMRMLPlotView.cxx): s r u; table views: arrows, Ctrl+C/V; tree views: !;
 * main window: Ctrl+letters and digits.
 
 Free, within reach of the left hand, and mnemonic where possible: D draw box, A add (+) click, E exclude
-(-) click, U undo, C clear (reset) object, N next object. The web app uses the same keys.
+(-) click, X undo (strike out the last prompt), C clear (reset) object, N next object. The web app uses the same keys.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ ACTIONS = {
     "box": ("Box", "D"),
     "foreground": ("+ Click", "A"),
     "background": ("- Click", "E"),
-    "undo": ("Undo", "U"),
+    "undo": ("Undo", "X"),
     "reset": ("Reset object", "C"),
     "next": ("Next object", "N"),
 }
