@@ -19,8 +19,9 @@ with a 1-64 voxel margin, max-pooled by integer factors above a 4,194,304-voxel 
   grows the region (no re-encode). Voxels outside the decoded region are background.
 * "large" mode (e.g. a 512x512x300 CT): a global view, max-pooled to `global_voxel_budget` (default
   4,194,304, the training maximum), is encoded at `set_image` and serves objects without a box.
-  A box makes the session encode a box-centred crop (box and clicks + `context_margin`, default 32
-  voxels, the mean training margin) at native resolution, max-pooled only if it is still above
+  A box makes the session encode a box-centred crop (box and clicks + `context_margin`; default: the
+  mean margin training gives an object of that size, 4 to 32 voxels, `session_region.training_margin`)
+  at native resolution, max-pooled only if it is still above
   `voxel_budget`; the last `max_cached_regions` (default 2) crop embeddings are cached. A click
   outside the object's crop grows the crop: a new crop is encoded (the cost of one encoder pass).
   Previous logits move between grids by trilinear resampling; logits of pooled grids reach the
@@ -105,7 +106,7 @@ class InferenceSession(SessionEngine):
 
     def __init__(self, model=None, model_path=None, device="auto", *, precision: str = "auto",
                  voxel_budget: int | None = None, global_voxel_budget: int | None = None,
-                 decode_margin: int = 16, context_margin: int = 32, full_decode_fraction: float = 0.5,
+                 decode_margin: int = 16, context_margin: int | None = None, full_decode_fraction: float = 0.5,
                  max_pool_factor: int = MAX_POOL_FACTOR, max_image_voxels: int = MAX_IMAGE_VOXELS, max_undo: int | None = 32,
                  max_cached_regions: int = 2, empty_object_margin: float = 1.0, click_window: int | None = None,
                  click_window_growth: int = 1):
@@ -121,7 +122,8 @@ class InferenceSession(SessionEngine):
         # None: the budget the model was trained at (objects at the scale it learnt), else VOXEL_BUDGET
         voxel_budget = voxel_budget or getattr(self.model_info, "voxel_budget", None) or VOXEL_BUDGET
         self.voxel_budget, self.global_voxel_budget = check_budgets(voxel_budget, global_voxel_budget)
-        self.decode_margin, self.context_margin = int(decode_margin), int(context_margin)
+        self.decode_margin = int(decode_margin)
+        self.context_margin = None if context_margin is None else int(context_margin)  # None: training_margin
         self.full_decode_fraction, self.max_pool_factor = float(full_decode_fraction), int(max_pool_factor)
         self.max_image_voxels, self.max_undo = int(max_image_voxels), max_undo
         self.max_cached_regions, self.empty_object_margin = int(max_cached_regions), float(empty_object_margin)

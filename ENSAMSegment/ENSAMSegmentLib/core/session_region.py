@@ -78,8 +78,19 @@ def whole_grid(image_shape, budget: int) -> Grid:
     return Grid((0, 0, 0), shape, pool_factors(shape, budget))
 
 
-def box_grid(image_shape, lo, hi, margin: int, budget: int) -> Grid:
-    """Crop [lo - margin, hi + 1 + margin) clipped to the image (lo, hi inclusive), pooled to fit."""
+def training_margin(lo, hi, smallest: int = 8, largest: int = 64) -> int:
+    """The context margin a crop around prompts lo..hi (inclusive) gets by default: the mean of the margins
+    training draws around an object of that size (ENSAMTrainingLib's `margin_range`: 1 to the object's
+    geometric-mean extent clipped to [8, 64] voxels per side), so the object fills as much of the crop
+    as it did in training: 4 voxels around a small lesion, 32 around a liver."""
+    size = float(np.prod(np.asarray(hi) - np.asarray(lo) + 1)) ** (1 / 3)
+    return int(round((1 + float(np.clip(round(size), smallest, largest))) / 2))
+
+
+def box_grid(image_shape, lo, hi, margin: int | None, budget: int) -> Grid:
+    """Crop [lo - margin, hi + 1 + margin) clipped to the image (lo, hi inclusive), pooled to fit;
+    margin None: `training_margin(lo, hi)`."""
+    margin = training_margin(lo, hi) if margin is None else margin
     start = [max(0, int(a) - margin) for a in lo]
     stop = [min(int(n), int(b) + 1 + margin) for b, n in zip(hi, image_shape)]
     size = tuple(b - a for a, b in zip(start, stop))
