@@ -1,13 +1,14 @@
 """ENSAMTraining: select a coreset of labelled cases, train or fine-tune ENSAM on it, use the model in ENSAM Segment.
 
-Thin Slicer front-end; the work is done by ENSAMTrainingLib.slicerlogic (no Qt, tested on slicer-core):
-  controller     the workflow: coreset selection, start / stop / resume, "Train on this scene", install
-  command        the `ensam train` / `ensam coreset` command lines and the checks before starting
-  process        the child processes, polled here by a QTimer (training never runs in the GUI thread)
-  mrmlviews      progress -> table and plot nodes (Slicer's table and plot views; saved with the scene)
-  sceneexport    segmentations + reference volumes -> challenge-format training cases
-  models         the models ENSAM Segment offers (~/.ensam/models)
-  scenarios      the checks the self-test runs (the same functions pytest runs)
+Thin Slicer front-end; the work is done by ENSAMTrainingLib (no Qt, tested on slicer-core):
+  mrml/controller     the workflow: coreset selection, start / stop / resume, "Train on this scene", install
+  runs/command        the `ensam train` / `ensam coreset` command lines and the checks before starting
+  runs/process        the child processes, polled here by a QTimer (training never runs in the GUI thread)
+  runs/folders        run folders: new ones, the last resumable one
+  mrml/mrmlviews      progress -> table and plot nodes (Slicer's table and plot views; saved with the scene)
+  mrml/sceneexport    segmentations + reference volumes -> challenge-format training cases
+  mrml/models         the models ENSAM Segment offers (~/.ensam/models)
+  mrml/scenarios      the checks the self-test runs (the same functions pytest runs)
 
 Nothing at module level imports torch: the module must load before torch is installed (the checks
 that need it import it when a button is pressed).
@@ -31,7 +32,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from ENSAMTrainingLib.slicerlogic.command import DEFAULT_EPOCHS, DEFAULT_VOXEL_BUDGET
+from ENSAMTrainingLib.runs.command import DEFAULT_EPOCHS, DEFAULT_VOXEL_BUDGET
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POLL_INTERVAL_MS = 500
@@ -207,7 +208,7 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Call a logic action; a refusal is shown to the user, then the GUI follows the new state.
         torch, MONAI and scipy are installed first (after asking) when they are missing."""
         from ENSAMSegmentLib.slicerui import dependencies
-        from ENSAMTrainingLib.slicerlogic.controller import USER_ERRORS
+        from ENSAMTrainingLib.mrml.controller import USER_ERRORS
 
         if not dependencies.ensure_dependencies():
             return None
@@ -313,7 +314,7 @@ class ENSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.metricsTableView.setMRMLTableNode(views.node("epochs"))
         coreset = controller.coreset
         if coreset is not None and coreset.report is not None:
-            from ENSAMTrainingLib.slicerlogic.mrmlviews import find_node
+            from ENSAMTrainingLib.mrml.mrmlviews import find_node
 
             ui.coresetDatasetsTableView.setMRMLTableNode(find_node(slicer.mrmlScene, "vtkMRMLTableNode", "coreset datasets"))
             ui.coresetSkippedTableView.setMRMLTableNode(find_node(slicer.mrmlScene, "vtkMRMLTableNode", "coreset skipped"))
@@ -330,7 +331,7 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        from ENSAMTrainingLib.slicerlogic.controller import TrainingController
+        from ENSAMTrainingLib.mrml.controller import TrainingController
 
         self.controller = TrainingController(slicer.mrmlScene)
         self.extraOptions = {}  # further `ensam train` flags, e.g. {"workers": 2} (the self-test makes tiny runs)
@@ -342,21 +343,21 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
     def describeDataFolder(path):
         """What the folder holds, or why it cannot be trained on ("" before torch is installed)."""
         from ENSAMSegmentLib.slicerui import dependencies
-        from ENSAMTrainingLib.slicerlogic.command import describe_data_folder
+        from ENSAMTrainingLib.runs.command import describe_data_folder
 
         if not dependencies.current_plan().satisfied:
             return ""
         return describe_data_folder(path)
 
     def selectCoreset(self, p):
-        from ENSAMTrainingLib.slicerlogic.command import parse_exclude
+        from ENSAMTrainingLib.runs.command import parse_exclude
 
         return self.controller.start_coreset(_path(p.dataFolder), _path(p.outputFolder), p.coresetFraction,
                                              p.coresetMax or None, parse_exclude(p.coresetExclude))
 
     def trainingSettings(self, p):
-        from ENSAMTrainingLib.slicerlogic import runs
-        from ENSAMTrainingLib.slicerlogic.command import SetupError, TrainSettings
+        from ENSAMTrainingLib.runs import folders
+        from ENSAMTrainingLib.runs.command import SetupError, TrainSettings
 
         output = _path(p.outputFolder)
         if output is None:
@@ -366,7 +367,7 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
         if cases is not None and _path(p.dataFolder) is not None and Path(p.dataFolder).resolve() != coreset.data.resolve():
             raise SetupError(f"the selected coreset is of {coreset.data}: select a coreset of this data "
                              "folder, or untick 'Train on the selected coreset'")
-        return TrainSettings(data=_path(p.dataFolder), run_dir=runs.new_folder(output), cases=cases, epochs=p.epochs,
+        return TrainSettings(data=_path(p.dataFolder), run_dir=folders.new_folder(output), cases=cases, epochs=p.epochs,
                              voxel_budget=p.voxelBudget, device=p.device, init_model=_path(p.initModel),
                              options=dict(self.extraOptions))
 
@@ -375,13 +376,13 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def resumableRun(self, p):
         """The run Resume continues: the last run when it can be resumed, else the newest in the output folder."""
-        from ENSAMTrainingLib.slicerlogic import runs
+        from ENSAMTrainingLib.runs import folders
 
         training = self.controller.training
-        if training is not None and runs.run_status(training.command.run_dir) == runs.RESUMABLE:
+        if training is not None and folders.run_status(training.command.run_dir) == folders.RESUMABLE:
             return training.command.run_dir
         output = _path(p.outputFolder) if p is not None else None
-        return runs.latest_resumable(output) if output is not None else None
+        return folders.latest_resumable(output) if output is not None else None
 
     def resume(self, p):
         return self.controller.resume(self.resumableRun(p), device=p.device)
@@ -422,7 +423,7 @@ class ENSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeOfferedModels():
-        from ENSAMTrainingLib.slicerlogic.models import offered_models
+        from ENSAMTrainingLib.mrml.models import offered_models
 
         return "ENSAM Segment offers: " + ", ".join(label for label, _ in offered_models())
 
@@ -453,7 +454,7 @@ class ENSAMTrainingTest(ScriptedLoadableModuleTest):
                           "ENSAM Segment offers to install them when it is opened")
 
     def test_logic_scenarios(self):
-        from ENSAMTrainingLib.slicerlogic.scenarios import SCENARIOS
+        from ENSAMTrainingLib.mrml.scenarios import SCENARIOS
 
         self._requireTorch()
         for name, scenario in SCENARIOS.items():
@@ -465,8 +466,8 @@ class ENSAMTrainingTest(ScriptedLoadableModuleTest):
     def test_module_widget(self):
         """The module's own buttons: a coreset of a tiny data set, then a one-epoch run to the end."""
         self._requireTorch()
-        from ENSAMTrainingLib.slicerlogic.process import wait_until
-        from ENSAMTrainingLib.slicerlogic.scenarios import FAST, TINY_BUDGET, tiny_dataset
+        from ENSAMTrainingLib.runs.process import wait_until
+        from ENSAMTrainingLib.mrml.scenarios import FAST, TINY_BUDGET, tiny_dataset
 
         slicer.util.selectModule("ENSAMTraining")
         widget = slicer.modules.ENSAMTrainingWidget

@@ -144,48 +144,114 @@ def test_lint_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# The layers of ENSAMSegmentLib, bottom up, and what each may import from the project and from Slicer/Qt.
+# The layers of each Lib package, bottom up: which of the project's layers each may import, and whether it
+# may use Slicer (its MRML API, through Slicer or the slicer-core wheel), Qt, and torch directly.
 # Imports point down only: core knows nothing of Slicer or Qt; mrml/ and evaluation/ use Slicer's
-# Python wheel (slicer-core) but no Qt; the front-ends sit on top.
-LAYERS = {
-    "core": {"project": {"core"}, "slicer": False, "qt": False},
-    "mrml": {"project": {"core", "mrml"}, "slicer": True, "qt": False},
-    "evaluation": {"project": {"core", "evaluation"}, "slicer": True, "qt": False},
-    "cli": {"project": {"core", "mrml", "evaluation", "cli", "webapp"}, "slicer": True, "qt": False},
-    "webapp": {"project": {"core", "mrml", "webapp"}, "slicer": True, "qt": False},
+# Python wheel (slicer-core) but no Qt; the front-ends sit on top. ENSAMSegmentLib never imports
+# ENSAMTrainingLib (the `ensam` tool finds the training commands by name, when they are installed).
+SEGMENT_LAYERS = {
+    "core": {"ENSAMSegmentLib": {"core"}, "slicer": False, "qt": False},
+    "mrml": {"ENSAMSegmentLib": {"core", "mrml"}, "slicer": True, "qt": False},
+    "evaluation": {"ENSAMSegmentLib": {"core", "evaluation"}, "slicer": True, "qt": False},
+    "cli": {"ENSAMSegmentLib": {"core", "mrml", "evaluation", "cli", "webapp"}, "slicer": True, "qt": False},
+    "webapp": {"ENSAMSegmentLib": {"core", "mrml", "webapp"}, "slicer": True, "qt": False},
 }
+# ENSAMTrainingLib stands on ENSAMSegmentLib: its core/ (the training) uses ENSAMSegmentLib's core only;
+# runs/ (a run started and watched from outside: command lines, run folders, progress, child processes)
+# is as free of Slicer and Qt as core, and of torch too: the Slicer module imports it in its GUI process;
+# mrml/ is the module's logic on the MRML API (ENSAMSegmentLib's mrml/ included); cli/ is a front-end.
+TRAINING_LAYERS = {
+    "core": {"ENSAMTrainingLib": {"core"}, "ENSAMSegmentLib": {"core"}, "slicer": False, "qt": False},
+    "runs": {"ENSAMTrainingLib": {"core", "runs"}, "ENSAMSegmentLib": {"core"}, "slicer": False, "qt": False,
+             "torch": False},
+    "mrml": {"ENSAMTrainingLib": {"core", "runs", "mrml"}, "ENSAMSegmentLib": {"core", "mrml"}, "slicer": True,
+             "qt": False, "torch": False},
+    "cli": {"ENSAMTrainingLib": {"core", "runs", "cli"}, "ENSAMSegmentLib": {"core", "cli"}, "slicer": False,
+            "qt": False},
+}
+LIBS = {
+    "ENSAMSegmentLib": (ROOT / "ENSAMSegment" / "ENSAMSegmentLib", SEGMENT_LAYERS),
+    "ENSAMTrainingLib": (ROOT / "ENSAMTraining" / "ENSAMTrainingLib", TRAINING_LAYERS),
+}
+LAYER_CASES = [(lib, layer) for lib, (_, layers) in LIBS.items() for layer in sorted(layers)]
 
 
-def _imports(path):
+def _imports(path, lib_root):
+    """Every module name ``path`` imports, anywhere in the file (also inside functions); ``from a.b import
+    c`` gives a.b.c (c may be a module), relative imports resolved against the file's package."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against the file's package
-                package = path.parent.relative_to(LIB.parent).parts
-                base = package[: len(package) - node.level + 1]
-                yield ".".join(base + ((node.module,) if node.module else ()))
+                package = path.parent.relative_to(lib_root.parent).parts
+                base = ".".join(package[: len(package) - node.level + 1] + ((node.module,) if node.module else ()))
             else:
-                yield node.module or ""
+                base = node.module or ""
+            yield from (f"{base}.{a.name}" for a in node.names)
 
 
-LIB = ROOT / "ENSAMSegment" / "ENSAMSegmentLib"
+def layer_violations(path, rule) -> list[str]:
+    """Why the imports of ``path`` break ``rule`` (a row of SEGMENT_LAYERS / TRAINING_LAYERS); [] when none."""
+    lib_root = next(root for root, _ in LIBS.values() if root in path.parents)
+    problems = []
+    for name in _imports(path, lib_root):
+        parts = name.split(".")
+        top = parts[0]
+        if top in LIBS and len(parts) > 1 and parts[1] not in ("__init__", "__version__"):
+            allowed = rule.get(top, set())
+            if parts[1] not in allowed:
+                problems.append(f"imports {name}: may import only {sorted(allowed)} of {top}")
+        if top in ("slicer", "vtk", "vtkmodules", "trame_slicer") and not rule["slicer"]:
+            problems.append(f"imports {name}: must not use Slicer")
+        if (top in ("qt", "ctk", "PythonQt") or name.startswith(("slicer.ScriptedLoadableModule",
+                                                                 "slicer.parameterNodeWrapper"))) and not rule["qt"]:
+            problems.append(f"imports {name}: must not use Qt")
+        if top in ("torch", "monai") and not rule.get("torch", True):
+            problems.append(f"imports {name}: must not import torch (the Slicer module imports it without torch)")
+    return problems
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_imports_point_down(layer):
-    rule = LAYERS[layer]
-    for path in sorted((LIB / layer).rglob("*.py")):
-        for name in _imports(path):
-            top = name.split(".")[0]
-            if top == "ENSAMSegmentLib" and "." in name:
-                assert name.split(".")[1] in rule["project"] | {"__init__"} or name.split(".")[1] == "__version__", \
-                    f"{path.relative_to(ROOT)} imports {name}: layer {layer} may import only {sorted(rule['project'])}"
-            if top in ("slicer", "vtk", "vtkmodules", "trame_slicer"):
-                assert rule["slicer"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Slicer"
-            if top in ("qt", "ctk", "PythonQt") or name.startswith(("slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper")):
-                assert rule["qt"], f"{path.relative_to(ROOT)} imports {name}: layer {layer} must not use Qt"
+@pytest.mark.parametrize("lib, layer", LAYER_CASES)
+def test_imports_point_down(lib, layer):
+    root, layers = LIBS[lib]
+    files = sorted((root / layer).rglob("*.py"))
+    assert files, f"{lib}/{layer} holds no Python file"
+    problems = [f"{path.relative_to(ROOT)} {problem}" for path in files
+                for problem in layer_violations(path, layers[layer])]
+    assert not problems, f"layer {layer} of {lib}:\n" + "\n".join(problems)
+
+
+def test_a_wrong_import_is_caught(tmp_path, monkeypatch):
+    """The check itself: an import pointing up (also a relative one inside a function), Slicer in core,
+    Qt in mrml, torch in runs, ENSAMTrainingLib in ENSAMSegmentLib: each is found."""
+    monkeypatch.setitem(LIBS, "ENSAMTrainingLib", (tmp_path / "ENSAMTrainingLib", TRAINING_LAYERS))
+    monkeypatch.setitem(LIBS, "ENSAMSegmentLib", (tmp_path / "ENSAMSegmentLib", SEGMENT_LAYERS))
+    for lib, layer, code, message in [
+        ("ENSAMTrainingLib", "core", "from ENSAMTrainingLib.mrml.controller import TrainingController", "may import only"),
+        ("ENSAMTrainingLib", "core", "from ENSAMSegmentLib.mrml import volumes", "may import only"),
+        ("ENSAMTrainingLib", "runs", "def f():\n    from ..mrml import models", "may import only"),
+        ("ENSAMTrainingLib", "core", "import slicer", "must not use Slicer"),
+        ("ENSAMTrainingLib", "mrml", "import qt", "must not use Qt"),
+        ("ENSAMTrainingLib", "runs", "import torch", "must not import torch"),
+        ("ENSAMSegmentLib", "cli", "import ENSAMTrainingLib.core.trainer", "may import only"),
+    ]:
+        root, layers = LIBS[lib]
+        path = root / layer / "wrong.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code + "\n")
+        problems = layer_violations(path, layers[layer])
+        assert any(message in p for p in problems), (lib, layer, code, problems)
+
+
+def test_training_lib_folders_are_its_layers():
+    """Every file of ENSAMTrainingLib lies in one of its layers' folders (only __init__.py at the top)."""
+    root, layers = LIBS["ENSAMTrainingLib"]
+    top = sorted(p.name for p in root.glob("*.py"))
+    assert top == ["__init__.py"], f"files outside the layer folders: {top}"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(layers), f"folders {folders}, layers {sorted(layers)}: add the folder to TRAINING_LAYERS"
 
 
 def test_screenshot_urls_name_files_of_this_tree():

@@ -41,6 +41,6 @@ def test_a_training_command_still_finds_its_code():
 
     args = build_parser().parse_args(["train-bench", "throughput", "--shapes", "8,8,8", "--steps", "1"])
     assert callable(args.func) and args.shapes == [(8, 8, 8)]
-    from ENSAMTrainingLib import bench
+    from ENSAMTrainingLib.core import bench
 
     assert callable(bench._run_throughput_cmd)  # what args.func imports and calls

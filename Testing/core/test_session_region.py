@@ -16,7 +16,7 @@ from ENSAMSegmentLib.core.session_region import (
     Grid, MaskCrop, Placed, box_grid, changed_region, decode_region, grid_input, pool_factors, resample,
     whole_grid,
 )
-from ENSAMTrainingLib.data import pool_factors as training_pool_factors
+from ENSAMTrainingLib.core.data import pool_factors as training_pool_factors
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 SHAPE = (32, 48, 48)

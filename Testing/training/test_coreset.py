@@ -9,14 +9,14 @@ import pytest
 from conftest import SHAPE, write_case
 
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
-from ENSAMTrainingLib.coreset import (
+from ENSAMTrainingLib.core.coreset import (
     equal_shares,
     label_overflow,
     normalisation_problem,
     select_coreset,
     write_coreset,
 )
-from ENSAMTrainingLib.cases import NoCasesError, read_case_list
+from ENSAMTrainingLib.core.cases import NoCasesError, read_case_list
 
 
 def overflow_labels():

@@ -11,7 +11,7 @@ import torch
 from conftest import SHAPE, write_case, write_pair
 
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
-from ENSAMTrainingLib.cases import (
+from ENSAMTrainingLib.core.cases import (
     CaseError,
     NoCasesError,
     find_cases,
@@ -19,7 +19,7 @@ from ENSAMTrainingLib.cases import (
     read_case_list,
     write_case_list,
 )
-from ENSAMTrainingLib.data import EpochSampler, TrainingDataset, augment_intensity, make_sample, pool_factors
+from ENSAMTrainingLib.core.data import EpochSampler, TrainingDataset, augment_intensity, make_sample, pool_factors
 
 
 def test_flat_and_nested_npz_names(tmp_path, npz_dataset):

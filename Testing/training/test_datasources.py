@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ENSAMTrainingLib import dataprep, datasources
-from ENSAMTrainingLib.cases import find_cases
-from ENSAMTrainingLib.dataprep import BODY_DEV_GROUPS, BRAIN_DEV_SETS
-from ENSAMTrainingLib.datasources import SOURCES, ReservedDataError, Source, check_allowed, extract, fetch, is_reserved
+from ENSAMTrainingLib.core import dataprep, datasources
+from ENSAMTrainingLib.core.cases import find_cases
+from ENSAMTrainingLib.core.dataprep import BODY_DEV_GROUPS, BRAIN_DEV_SETS
+from ENSAMTrainingLib.core.datasources import SOURCES, ReservedDataError, Source, check_allowed, extract, fetch, is_reserved
 
 RESERVED_EXAMPLES = [
     ("totalsegmentator", "tests/reference_files/aorta_report/example_ct.nii.gz"),

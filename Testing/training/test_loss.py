@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss
 
-from ENSAMTrainingLib.loss import generalized_dice_loss, segmentation_loss
+from ENSAMTrainingLib.core.loss import generalized_dice_loss, segmentation_loss
 
 
 def two_class(logits, target):

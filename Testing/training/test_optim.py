@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ENSAMTrainingLib.optim import Muon, lr_factor, make_optimizers, set_epoch_lr, split_parameters
+from ENSAMTrainingLib.core.optim import Muon, lr_factor, make_optimizers, set_epoch_lr, split_parameters
 
 
 def run_steps(optimizer_cls, shape, steps=4, **kwargs):

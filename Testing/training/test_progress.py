@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ENSAMTrainingLib.progress import ProgressStream, parse_event, read_events
+from ENSAMTrainingLib.core.progress import ProgressStream, parse_event, read_events
 
 
 def test_events_round_trip_with_a_truncated_line(tmp_path):

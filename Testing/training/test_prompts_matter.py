@@ -10,11 +10,11 @@ from conftest import TINY_BUDGET, TINY_MODEL
 
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 from ENSAMSegmentLib.core.simulation import box_dict_to_3d, challenge_boxes
-from ENSAMTrainingLib.bench import prompt_sensitivity, run_prompt_use
-from ENSAMTrainingLib.cases import CaseRef, find_cases
-from ENSAMTrainingLib.data import majority_pool, max_pool, training_box
-from ENSAMTrainingLib.step import InteractiveStep, interact
-from ENSAMTrainingLib.validation import shifted_box, validate
+from ENSAMTrainingLib.core.bench import prompt_sensitivity, run_prompt_use
+from ENSAMTrainingLib.core.cases import CaseRef, find_cases
+from ENSAMTrainingLib.core.data import majority_pool, max_pool, training_box
+from ENSAMTrainingLib.core.step import InteractiveStep, interact
+from ENSAMTrainingLib.core.validation import shifted_box, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,8 +64,8 @@ def test_an_interaction_that_changes_nothing_ends_after_that_click():
 
 
 def test_grad_clicks_keeps_graphs_for_the_box_step_and_that_many_clicks(four_cases):
-    from ENSAMTrainingLib.cases import load_case
-    from ENSAMTrainingLib.data import make_sample
+    from ENSAMTrainingLib.core.cases import load_case
+    from ENSAMTrainingLib.core.data import make_sample
 
     torch.manual_seed(0)
     model = ENSAM(ENSAMConfig(**TINY_MODEL))
@@ -136,7 +136,7 @@ def test_validation_reports_the_prompt_controls(npz_dataset):
 
 
 def test_train_bench_throughput_runs_the_whole_step_with_the_cheaper_options():
-    from ENSAMTrainingLib.bench import measure_throughput
+    from ENSAMTrainingLib.core.bench import measure_throughput
 
     # tune_malloc=False: mallopt would apply to the whole test process (devices' own test runs it apart)
     (row,) = measure_throughput([(16, 24, 24)], "cpu", steps=1, model_config=TINY_MODEL, grad_clicks=1,
@@ -147,7 +147,7 @@ def test_train_bench_throughput_runs_the_whole_step_with_the_cheaper_options():
 
 
 def test_crop_margins_follow_the_object_size():
-    from ENSAMTrainingLib.data import margin_range, random_crop
+    from ENSAMTrainingLib.core.data import margin_range, random_crop
 
     assert margin_range((0, 0, 0), (4, 4, 4)) == (1, 8)  # a lesion: at most 8 voxels around it
     assert margin_range((0, 0, 0), (48, 3, 3)) == (1, 8)  # a thin vessel (geometric mean 7.6)

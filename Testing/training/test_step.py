@@ -7,10 +7,10 @@ import torch
 from conftest import TINY_BUDGET, TINY_MODEL
 
 from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
-from ENSAMTrainingLib.cases import find_cases, load_case
-from ENSAMTrainingLib.data import make_sample
-from ENSAMTrainingLib.loss import segmentation_loss
-from ENSAMTrainingLib.step import InteractiveStep, interact
+from ENSAMTrainingLib.core.cases import find_cases, load_case
+from ENSAMTrainingLib.core.data import make_sample
+from ENSAMTrainingLib.core.loss import segmentation_loss
+from ENSAMTrainingLib.core.step import InteractiveStep, interact
 
 
 class Recording(ENSAM):

@@ -1,4 +1,4 @@
-"""The SynthSeg-style generator (ENSAMTrainingLib/synth.py): each step does what it says, deterministically."""
+"""The SynthSeg-style generator (ENSAMTrainingLib/core/synth.py): each step does what it says, deterministically."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ENSAMTrainingLib import synth
-from ENSAMTrainingLib.synth import SynthConfig
+from ENSAMTrainingLib.core import synth
+from ENSAMTrainingLib.core.synth import SynthConfig
 
 SHAPE = (32, 48, 48)
 

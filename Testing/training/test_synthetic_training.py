@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from conftest import TINY_BUDGET, TINY_MODEL
-from ENSAMTrainingLib.cases import (
+from ENSAMTrainingLib.core.cases import (
     find_cases,
     find_label_maps,
     load_case,
@@ -16,7 +16,7 @@ from ENSAMTrainingLib.cases import (
     procedural_cases,
     with_synthesis,
 )
-from ENSAMTrainingLib.data import TrainingDataset
+from ENSAMTrainingLib.core.data import TrainingDataset
 
 BUDGET = 24 * 40 * 40
 

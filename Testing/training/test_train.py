@@ -17,9 +17,9 @@ from conftest import SHAPE, TINY_BUDGET, TINY_MODEL, write_case
 from ENSAMSegmentLib.cli.main import main
 from ENSAMSegmentLib.core.modelfile import load_model, read_model_info
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
-from ENSAMTrainingLib.logs import read_csv
-from ENSAMTrainingLib.progress import ProgressStream, read_events
-from ENSAMTrainingLib.trainer import TrainConfig, resume, train
+from ENSAMTrainingLib.core.logs import read_csv
+from ENSAMTrainingLib.core.progress import ProgressStream, read_events
+from ENSAMTrainingLib.core.trainer import TrainConfig, resume, train
 
 VENV_BIN = Path(sys.executable).parent
 def tiny_config(data, out, **changes) -> TrainConfig:

@@ -19,7 +19,7 @@ def scene():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A complete model file of the tiny architecture (untrained)."""
-    from ENSAMTrainingLib.slicerlogic.scenarios import tiny_model_file
+    from ENSAMTrainingLib.mrml.scenarios import tiny_model_file
 
     return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.pt")
 
@@ -27,6 +27,6 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """2 flat challenge .npz phantoms."""
-    from ENSAMTrainingLib.slicerlogic.scenarios import tiny_dataset
+    from ENSAMTrainingLib.mrml.scenarios import tiny_dataset
 
     return tiny_dataset(tmp_path_factory.mktemp("data"), 2)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic import command, runs
-from ENSAMTrainingLib.slicerlogic.command import SetupError, TrainSettings
+from ENSAMTrainingLib.runs import command, folders
+from ENSAMTrainingLib.runs.command import SetupError, TrainSettings
 
 
 def test_constants_agree_with_the_training_code():
-    from ENSAMTrainingLib import trainer
-    from ENSAMTrainingLib.data import DEFAULT_VOXEL_BUDGET
-    from ENSAMTrainingLib.slicerlogic import process
+    from ENSAMTrainingLib.core import trainer
+    from ENSAMTrainingLib.core.data import DEFAULT_VOXEL_BUDGET
+    from ENSAMTrainingLib.runs import process
 
     assert command.DEFAULT_VOXEL_BUDGET == DEFAULT_VOXEL_BUDGET
     assert command.DEFAULT_EPOCHS == trainer.TrainConfig.epochs
@@ -81,12 +81,12 @@ def test_child_environment_finds_the_packages_without_site_packages():
     """PythonSlicer does not see the extension's module folders: PYTHONPATH must carry them."""
     env = command.child_environment({"PATH": os.environ.get("PATH", ""), "PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(os.pathsep)[-1] == "/elsewhere" and env["PYTHONUNBUFFERED"] == "1"
-    code = ("import ENSAMTrainingLib.slicerlogic.progressparser as p, ENSAMSegmentLib as s; "
+    code = ("import ENSAMTrainingLib.runs.progressparser as p, ENSAMSegmentLib as s; "
             "print(p.__file__); print(s.__file__)")
     result = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True)  # -S: no .pth
     assert result.returncode == 0, result.stderr
     files = result.stdout.split()
-    assert files[0].endswith(str(Path("ENSAMTraining/ENSAMTrainingLib/slicerlogic/progressparser.py")))
+    assert files[0].endswith(str(Path("ENSAMTraining/ENSAMTrainingLib/runs/progressparser.py")))
     assert files[1].endswith(str(Path("ENSAMSegment/ENSAMSegmentLib/__init__.py")))
     assert command.python_executable() == sys.executable  # outside Slicer (no slicer.app)
 
@@ -132,20 +132,20 @@ def test_check_device():
 
 
 def test_run_folders(tmp_path):
-    first = runs.new_folder(tmp_path, "run", now=0)
+    first = folders.new_folder(tmp_path, "run", now=0)
     assert first.parent == tmp_path and first.name == "run-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(0))
     first.mkdir()
-    second = runs.new_folder(tmp_path, "run", now=0)
+    second = folders.new_folder(tmp_path, "run", now=0)
     assert second.name == first.name + "-2" and not second.exists()
-    assert runs.run_status(first) == runs.EMPTY and runs.latest_resumable(tmp_path) is None
+    assert folders.run_status(first) == folders.EMPTY and folders.latest_resumable(tmp_path) is None
     second.mkdir()
     (first / "checkpoint.pt").write_bytes(b"")
     (second / "checkpoint.pt").write_bytes(b"")
     os.utime(first / "checkpoint.pt", (1, 1))
-    assert runs.run_status(second) == runs.RESUMABLE and runs.latest_resumable(tmp_path) == second
+    assert folders.run_status(second) == folders.RESUMABLE and folders.latest_resumable(tmp_path) == second
     (second / "model.pt").write_bytes(b"")
-    assert runs.run_status(second) == runs.FINISHED and runs.latest_resumable(tmp_path) == first
-    assert runs.latest_resumable(tmp_path / "missing") is None
+    assert folders.run_status(second) == folders.FINISHED and folders.latest_resumable(tmp_path) == first
+    assert folders.latest_resumable(tmp_path / "missing") is None
 
 
 def test_flags_are_json_for_structures():
@@ -154,8 +154,6 @@ def test_flags_are_json_for_structures():
 
 
 def test_describing_a_huge_tree_does_not_walk_it(tmp_path, monkeypatch):
-    from ENSAMTrainingLib.slicerlogic import command
-
     folder = tmp_path / "tree"
     for i in range(30):
         (folder / f"d{i}").mkdir(parents=True)

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic.command import SetupError
-from ENSAMTrainingLib.slicerlogic.controller import TrainingController
-from ENSAMTrainingLib.slicerlogic.process import wait_until
-from ENSAMTrainingLib.slicerlogic.scenarios import settings
+from ENSAMTrainingLib.runs.command import SetupError
+from ENSAMTrainingLib.mrml.controller import TrainingController
+from ENSAMTrainingLib.runs.process import wait_until
+from ENSAMTrainingLib.mrml.scenarios import settings
 
 
 def test_a_child_that_cannot_start_is_a_message_not_a_busy_controller(scene, tmp_path, tiny_data):
@@ -24,8 +24,8 @@ def test_a_child_that_cannot_start_is_a_message_not_a_busy_controller(scene, tmp
 
 def test_a_coreset_run_without_a_readable_report_fails_clearly(scene, tmp_path, tiny_data):
     """A child that exits 0 but leaves a broken report (a script standing in for `ensam coreset`)."""
-    from ENSAMTrainingLib.slicerlogic.controller import CoresetSelection
-    from ENSAMTrainingLib.slicerlogic.process import BackgroundCommand
+    from ENSAMTrainingLib.mrml.controller import CoresetSelection
+    from ENSAMTrainingLib.runs.process import BackgroundCommand
 
     list_path = tmp_path / "sel" / "cases.txt"
     report = list_path.with_name("cases.report.json")

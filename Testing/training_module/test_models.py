@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ENSAMSegmentLib.mrml.promptcontroller import USER_MODELS_DIR, model_choices
-from ENSAMTrainingLib.slicerlogic import models
-from ENSAMTrainingLib.slicerlogic.models import ModelInstallError, install_model
+from ENSAMTrainingLib.mrml import models
+from ENSAMTrainingLib.mrml.models import ModelInstallError, install_model
 
 
 def test_same_folder_and_listing_as_ensamsegment(tmp_path):

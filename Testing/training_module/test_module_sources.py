@@ -70,7 +70,7 @@ def test_devices_agree_with_ensamsegment():
 
 def test_self_test_runs_the_shared_scenarios_and_is_registered():
     text = MODULE.read_text()
-    assert "from ENSAMTrainingLib.slicerlogic.scenarios import SCENARIOS" in text
+    assert "from ENSAMTrainingLib.mrml.scenarios import SCENARIOS" in text
     assert "scenario(slicer.mrmlScene, Path(work))" in text
     methods = {f.name for f in class_body("ENSAMTrainingTest") if isinstance(f, ast.FunctionDef)}
     assert {"runTest", "test_logic_scenarios", "test_module_widget"} <= methods
@@ -101,7 +101,7 @@ def test_parameter_annotations_are_all_used():
 
 def test_module_logic_imports_without_torch():
     """The module imports these when it loads, before torch may be installed."""
-    code = ("import sys; import ENSAMTrainingLib.slicerlogic.controller, ENSAMTrainingLib.slicerlogic.command; "
+    code = ("import sys; import ENSAMTrainingLib.mrml.controller, ENSAMTrainingLib.runs.command; "
             "bad = {'torch', 'monai', 'qt'} & set(sys.modules); assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

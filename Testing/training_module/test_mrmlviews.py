@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic.mrmlviews import ProgressViews, coreset_tables, find_node
-from ENSAMTrainingLib.slicerlogic.progressparser import ProgressParser, parse_stream
+from ENSAMTrainingLib.mrml.mrmlviews import ProgressViews, coreset_tables, find_node
+from ENSAMTrainingLib.runs.progressparser import ProgressParser, parse_stream
 
 RECORDED = Path(__file__).parent / "data" / "progress_recorded.jsonl"
 
@@ -110,8 +110,8 @@ def test_saved_with_the_scene(scene, tmp_path):
 
 
 def test_coreset_tables_from_a_real_selection(scene, tmp_path):
-    from ENSAMTrainingLib.coreset import select_coreset
-    from ENSAMTrainingLib.slicerlogic.scenarios import tiny_dataset
+    from ENSAMTrainingLib.core.coreset import select_coreset
+    from ENSAMTrainingLib.mrml.scenarios import tiny_dataset
 
     data = tmp_path / "data"
     tiny_dataset(data / "CT" / "CT_Liver", 2, 1)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic import command
-from ENSAMTrainingLib.slicerlogic.command import TrainCommand
-from ENSAMTrainingLib.slicerlogic.process import (
+from ENSAMTrainingLib.runs import command
+from ENSAMTrainingLib.runs.command import TrainCommand
+from ENSAMTrainingLib.runs.process import (
     STOPPING,
     BackgroundCommand,
     FileTail,
@@ -26,8 +26,8 @@ from ENSAMTrainingLib.slicerlogic.process import (
     describe_exit,
     wait_until,
 )
-from ENSAMTrainingLib.slicerlogic.progressparser import FAILED, FINISHED, INTERRUPTED
-from ENSAMTrainingLib.slicerlogic.scenarios import settings
+from ENSAMTrainingLib.runs.progressparser import FAILED, FINISHED, INTERRUPTED
+from ENSAMTrainingLib.mrml.scenarios import settings
 
 
 def python_child(run_dir: Path, code: str) -> TrainingProcess:

@@ -1,6 +1,6 @@
 """Stop ends the whole process tree of a training run, and one run folder holds one run: real `ensam train`
 runs with DataLoader worker processes, a launcher that forwards no signal (what PythonSlicer is), and
-the run folder's lock (ENSAMTrainingLib/runlock.py) held by real processes."""
+the run folder's lock (ENSAMTrainingLib/core/runlock.py) held by real processes."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ENSAMTrainingLib.runlock import LOCK_FILE, RunLock, RunLockedError, holder
-from ENSAMTrainingLib.slicerlogic.command import SetupError, TrainCommand, child_environment
-from ENSAMTrainingLib.slicerlogic.controller import TrainingController
-from ENSAMTrainingLib.slicerlogic.process import TrainingProcess, wait_until
-from ENSAMTrainingLib.slicerlogic.progressparser import FAILED, INTERRUPTED
-from ENSAMTrainingLib.slicerlogic.scenarios import FAST, settings
+from ENSAMTrainingLib.core.runlock import LOCK_FILE, RunLock, RunLockedError, holder
+from ENSAMTrainingLib.runs.command import SetupError, TrainCommand, child_environment
+from ENSAMTrainingLib.mrml.controller import TrainingController
+from ENSAMTrainingLib.runs.process import TrainingProcess, wait_until
+from ENSAMTrainingLib.runs.progressparser import FAILED, INTERRUPTED
+from ENSAMTrainingLib.mrml.scenarios import FAST, settings
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process groups and SIGINT are POSIX here (Windows: taskkill)")
 psutil = pytest.importorskip("psutil")
@@ -144,7 +144,7 @@ def test_a_second_run_in_the_same_folder_is_refused(scene, tiny_data, tmp_path):
 
 
 def _holder_process(run_dir: Path) -> subprocess.Popen:
-    code = f"from ENSAMTrainingLib.runlock import RunLock\nimport time\nRunLock({str(run_dir)!r}).acquire()\n" \
+    code = f"from ENSAMTrainingLib.core.runlock import RunLock\nimport time\nRunLock({str(run_dir)!r}).acquire()\n" \
            "print('locked', flush=True)\ntime.sleep(120)\n"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=child_environment())
     assert process.stdout.readline().strip() == "locked"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic.progressparser import (
+from ENSAMTrainingLib.runs.progressparser import (
     FAILED,
     FINISHED,
     INTERRUPTED,

@@ -10,7 +10,7 @@ from ENSAMSegmentLib.core.imageio import read_challenge_npz
 from ENSAMSegmentLib.core.intensity import to_uint8
 from ENSAMSegmentLib.mrml import segments, volumes
 from ENSAMSegmentLib.core.phantom import make_phantom
-from ENSAMTrainingLib.slicerlogic.sceneexport import (
+from ENSAMTrainingLib.mrml.sceneexport import (
     SceneExportError,
     case_name,
     export_scene,

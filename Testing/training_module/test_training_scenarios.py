@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ENSAMTrainingLib.slicerlogic.scenarios import SCENARIOS
+from ENSAMTrainingLib.mrml.scenarios import SCENARIOS
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -26,7 +26,7 @@ COMMAND_MODULES = [
 ]
 OPTIONAL_COMMAND_MODULES = [
     # (module, reason it may be absent)
-    ("ENSAMTrainingLib.cli_commands", "ENSAMTrainingLib is not installed"),
+    ("ENSAMTrainingLib.cli.commands", "ENSAMTrainingLib is not installed"),
 ]
 
 

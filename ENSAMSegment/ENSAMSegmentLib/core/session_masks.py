@@ -25,7 +25,7 @@ def round_up(n: int, multiple: int = MULTIPLE) -> int:
 def pool_factors(shape, budget: int) -> tuple[int, int, int]:
     """Integer max-pool factors so that the pooled, padded shape fits in `budget` voxels.
 
-    Same rule as training (ENSAMTrainingLib.data.pool_factors): raise the factor of the axis whose
+    Same rule as training (ENSAMTrainingLib.core.data.pool_factors): raise the factor of the axis whose
     pooled size is largest (first axis on ties) until the padded volume fits.
     """
     if budget < MULTIPLE**3:

@@ -15,6 +15,17 @@ the prompts go in and only the changed block of each object's mask comes back (w
     update = future.result()                              # .changed, .block, .mask, .prompts as in-process
     session.close()                                       # never waits for a running request
 
+The image does not pass through the calling thread (Slicer's GUI thread): `submit_image` validates it,
+starts a helper thread that writes the voxels in their own dtype to a file in a private folder (in RAM
+on Linux; worker_wire.py), and returns; the message naming the file is sent at the first poll after the
+file is complete, and the requests submitted meanwhile wait behind it. Over the socket, a 512x512x300 CT
+kept the calling thread 0.4 s (int16) to 0.6 s (float32) in `sendall`. The helper thread holds the GIL
+only to start and to finish: the copy is one `write` call (in Slicer the GIL is free only at the poll
+ticks). A newer image cancels one still being handed over, and the requests queued behind it; a file that
+cannot be written (no room) fails the image with the reason, the requests behind it with NoImageError,
+and leaves the worker's session as it was. `image_transport="socket"` sends the array through the socket
+from the calling thread instead (the way before; `ensam bench --worker` measures both).
+
 The contract (session_contract.py) is InferenceSession's: the same validation and errors at submission
 (this class runs the same checks of session_types.py), the same object ids and selection rules, the
 same futures (a request the worker's session cancels arrives cancelled here), the same results. What
@@ -59,6 +70,7 @@ from .session_types import (
 
 WORKER_MODULE = "ENSAMSegmentLib.core.worker_main"
 CLOSE_GRACE_S = 0.2  # close(): how long an idle worker may take to exit before it is killed
+IMAGE_TRANSPORTS = ("file", "socket")  # submit_image: a private file written by a helper thread | the socket
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every open WorkerSession (killed at interpreter exit)
 
 
@@ -80,21 +92,68 @@ class _Pending:
     sent: float = field(default_factory=time.perf_counter)
 
 
+class _Handoff:
+    """An image on its way to the worker (see the module docstring): a helper thread writes its voxels to
+    message["file"]; the message goes once `done` is set without `error`. `abandon` (a newer image, close,
+    the worker gone): the file is removed as soon as it is written, or at once if it is already."""
+
+    def __init__(self, message: dict, array: np.ndarray):
+        self.message, self.path = message, message["file"]
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = self._final = False
+        self.thread = threading.Thread(target=self._write, args=(array,), name="ENSAM-image-handoff", daemon=True)
+        self.thread.start()
+
+    def _write(self, array: np.ndarray) -> None:
+        try:
+            wire.write_image(self.path, array)
+        except BaseException as error:  # no room after all, no memory for a contiguous copy, folder removed
+            self.error = error.with_traceback(None)
+        del array
+        with self._lock:
+            self.done.set()
+            abandoned, final = self._abandoned, self._final
+        if abandoned or self.error is not None:
+            self._remove(final)
+
+    def abandon(self, final: bool = False) -> None:
+        """final: the session is closing: the file's folder goes too (if empty)."""
+        with self._lock:
+            self._abandoned, self._final = True, self._final or final
+            written = self.done.is_set()
+        if written:
+            self._remove(final)
+
+    def _remove(self, final: bool) -> None:
+        wire.remove_file(self.path)
+        if final:
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:  # removed already, or a file of another image still in it
+                pass
+
+
 class WorkerSession:
     """InferenceSession's contract, the model in a child process (see the module docstring).
 
     model_path: a model file (None: the default model). device: auto | cpu | cuda | mps. python: the
-    interpreter (default: interpreter.python_interpreter(), python-real inside Slicer). options: the
-    InferenceSession keyword options (voxel_budget, click_window, ...; JSON values), plus torch_threads.
+    interpreter (default: interpreter.python_interpreter(), python-real inside Slicer). image_transport:
+    "file" (default) or "socket" (IMAGE_TRANSPORTS; an attribute, may be changed between images). options:
+    the InferenceSession keyword options (voxel_budget, click_window, ...; JSON values), plus torch_threads.
     """
 
     def __init__(self, model_path=None, device: str = "auto", *, python: str | None = None,
-                 env: dict | None = None, **options):
+                 env: dict | None = None, image_transport: str = "socket", **options):
         self.model_path = None if model_path is None or str(model_path) in ("", ".") else str(model_path)
         if self.model_path is not None and not Path(self.model_path).is_file():  # said now, not in a few seconds
             from .modelfile import missing_model_message
 
             raise ModelLoadError(missing_model_message(self.model_path))
+        if image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"image_transport must be one of {IMAGE_TRANSPORTS}, got {image_transport!r}")
+        self.image_transport = image_transport
         self.device = device
         self.options = dict(options)
         self.max_image_voxels = int(options.get("max_image_voxels", MAX_IMAGE_VOXELS))
@@ -111,7 +170,7 @@ class WorkerSession:
 
         self._lock = threading.RLock()
         self._conn = None
-        self._outbox: list = []  # messages sent before the worker connected
+        self._outbox: list = []  # messages not sent yet: the worker is not connected, or they wait behind a _Handoff
         self._pending: dict[int, _Pending] = {}
         self._next_request = 1
         self._objects: dict[int, _ObjectState] = {}
@@ -123,15 +182,19 @@ class WorkerSession:
         self._server = wire.listen()
         self._log_dir = Path(tempfile.mkdtemp(prefix="ensam-worker-"))
         self.log_path = self._log_dir / "worker.log"
+        self.image_folders = wire.image_folders(self._log_dir)  # private (0700); removed at close and by the worker
         worker_options = {"model_path": self.model_path, "device": device, **self.options}
         argv = [python or python_interpreter(), "-m", WORKER_MODULE, "--port", str(self._server.getsockname()[1]),
-                "--options", json.dumps(worker_options)]
+                "--options", json.dumps(worker_options),
+                "--image-folders", json.dumps([str(f) for f in self.image_folders])]
         try:
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                                 env=child_environment(env), **new_group_options())
         except OSError as error:  # no such interpreter
             self._server.close()
+            wire.remove_folders(self.image_folders)
+            shutil.rmtree(self._log_dir, ignore_errors=True)
             raise SessionError(f"cannot start the ENSAM worker process ({argv[0]}): {error}") from None
         for step in (lambda: self.process.stdin.write(self._key.hex().encode() + b"\n"), self.process.stdin.close):
             try:
@@ -223,8 +286,10 @@ class WorkerSession:
 
     def submit_image(self, array_zyx, spacing_zyx=(1.0, 1.0, 1.0), modality: str = "auto",
                      ct_window=None, identity=None) -> concurrent.futures.Future:
-        """As InferenceSession.submit_image; a different image goes to the worker (sent at once, or when it
-        connects), the same image again only as a note (no transfer, no encoding, objects kept)."""
+        """As InferenceSession.submit_image (do not modify the array until the future is done); a different
+        image goes to the worker (handed over by a helper thread: the module docstring), the same image again
+        only as a note (no transfer, no encoding, objects kept). SessionError, before anything changes, when
+        no image folder has room for it."""
         self._check_open()
         array, spacing, modality, ct_window, fingerprint = check_image_request(
             self, array_zyx, spacing_zyx, modality, ct_window, identity)
@@ -232,11 +297,21 @@ class WorkerSession:
             self._check_open()
             if self._submitted is not None and self._submitted[0] == fingerprint:
                 return self._request("same_image", {})
+            folder = None
+            if self.image_transport == "file":
+                folder = wire.folder_for(self.image_folders, array.nbytes)
+                if folder is None:
+                    raise SessionError(f"no room for the image ({array.nbytes / 2**20:,.0f} MB) in "
+                                       f"{' or '.join(map(str, self.image_folders))} to pass it to the worker process")
+            self._cancel_handoff()
             self._objects.clear()
             self._next_id, self._selected = 1, None
             self._submitted = (fingerprint, tuple(array.shape))
-            return self._request("image", {"array": np.ascontiguousarray(array), "spacing": spacing,
-                                           "modality": modality, "ct_window": ct_window, "identity": identity})
+            fields = {"spacing": spacing, "modality": modality, "ct_window": ct_window, "identity": identity}
+            if folder is None:
+                return self._request("image", {"array": np.ascontiguousarray(array), **fields})
+            return self._request("image", {"shape": tuple(array.shape), "dtype": array.dtype.str, **fields},
+                                 image=(array, folder))
 
     def submit_box(self, kji_min, kji_max, object_id: int | None = None) -> concurrent.futures.Future:
         with self._lock:
@@ -301,7 +376,9 @@ class WorkerSession:
             raise NoImageError("no image: call set_image() first")
         return self._submitted[1]
 
-    def _request(self, kind: str, fields: dict, object_id: int | None = None) -> concurrent.futures.Future:
+    def _request(self, kind: str, fields: dict, object_id: int | None = None,
+                 image: tuple | None = None) -> concurrent.futures.Future:
+        """image: (array, folder): the message waits in the outbox while a helper thread writes the file."""
         request_id, self._next_request = self._next_request, self._next_request + 1
         pending = _Pending(kind, concurrent.futures.Future(),
                            None if object_id is None else self._objects[object_id], object_id)
@@ -309,8 +386,58 @@ class WorkerSession:
         message = {"op": kind, "id": request_id, **fields}
         if object_id is not None:
             message["object"] = object_id
-        self._send(message)
+        if image is None:
+            self._send(message)
+        else:
+            array, folder = image
+            self._outbox.append(_Handoff({**message, "file": str(Path(folder) / f"image-{request_id}.raw")}, array))
         return pending.future
+
+    # -- images on their way (_Handoff) ---------------------------------------------------------
+
+    def _handoff(self) -> _Handoff | None:
+        """The image being handed over (at most one: a newer image cancels it), if any."""
+        return next((item for item in self._outbox if isinstance(item, _Handoff)), None)
+
+    def _cancel_handoff(self) -> None:
+        """A newer image: the one still on its way is cancelled with everything queued behind it, which all
+        concerns it (what the worker's session does with the requests queued before a new image)."""
+        handoff = self._handoff()
+        if handoff is not None:
+            self._drop_from(self._outbox.index(handoff), lambda pending: pending.future.cancel())
+
+    def _check_handoff(self) -> None:
+        """An image whose file could not be written fails with the reason; what was queued behind it fails
+        with NoImageError (object creations behind it are dropped: the next image clears them on both sides).
+        The worker never heard of it and keeps its previous image; no prompt reaches it until the next one."""
+        handoff = self._handoff()
+        if handoff is None or not handoff.done.is_set() or handoff.error is None:
+            return
+        error = SessionError(f"the image could not be passed to the ENSAM worker process: {handoff.error}")
+        behind = NoImageError(f"no image: {error}")
+        self._submitted = None  # the newest image (an older one would have been cancelled): none now
+        self._drop_from(self._outbox.index(handoff),
+                        lambda pending: pending.future.set_exception(error if pending.kind == "image" else behind))
+
+    def _drop_from(self, index: int, finish) -> None:
+        """Take the outbox's items from `index` on out, unsent; finish(pending) for each of their requests."""
+        dropped, self._outbox[index:] = self._outbox[index:], []
+        for item in dropped:
+            message = item
+            if isinstance(item, _Handoff):
+                item.abandon()
+                message = item.message
+            pending = self._pending.pop(message.get("id"), None)
+            if pending is not None and not pending.future.done():
+                finish(pending)
+
+    def _drop_images(self) -> None:
+        """The session ends: no image goes any more, none stays behind."""
+        for item in self._outbox:
+            if isinstance(item, _Handoff):
+                item.abandon(final=True)
+        self._outbox.clear()
+        wire.remove_folders(self.image_folders)
 
     # -- the wire -------------------------------------------------------------------------------
 
@@ -320,12 +447,18 @@ class WorkerSession:
         with self._lock:
             if self._closed:
                 return
+            handoff = self._handoff()
+            if handoff is not None and timeout and not handoff.done.is_set():
+                handoff.done.wait(timeout)  # a synchronous caller: nothing else can come before it
+                timeout = 0.0
+            self._check_handoff()
             if self._conn is None and not self._connect():
                 if self.process.poll() is not None:
                     self._ended()
                 elif timeout:
                     time.sleep(min(timeout, 0.01))
                 return
+            self._flush()
             try:
                 while self._conn is not None and self._conn.poll(timeout):
                     self._handle(wire.recv(self._conn))
@@ -339,19 +472,30 @@ class WorkerSession:
             return False
         self._conn = conn
         self._server.close()
-        outbox, self._outbox = self._outbox, []
-        for message in outbox:
-            self._send(message)
+        self._flush()
         return self._conn is not None
 
     def _send(self, message) -> None:
-        if self._conn is None:
-            self._outbox.append(message)
-            return
-        try:
-            wire.send(self._conn, message)
-        except OSError:
-            self._ended()
+        self._outbox.append(message)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what waits in the outbox, in order, up to an image whose file is not complete yet."""
+        while self._outbox and self._conn is not None:
+            item = self._outbox[0]
+            if isinstance(item, _Handoff):
+                if not item.done.is_set():
+                    return
+                if item.error is not None:
+                    self._check_handoff()
+                    continue
+                item = item.message
+            del self._outbox[0]
+            try:
+                wire.send(self._conn, item)
+            except OSError:
+                self._ended()
+                return
 
     def _handle(self, message: dict) -> None:
         op = message["op"]
@@ -402,6 +546,7 @@ class WorkerSession:
         elif self.failure is None:
             self.failure = WorkerCrashedError(self._describe_crash(returncode))
         self._close_wire()
+        self._drop_images()
         self._closed = True
         for pending in self._pending.values():
             if not pending.future.done():
@@ -438,6 +583,7 @@ class WorkerSession:
                 except OSError:
                     pass
             self._close_wire()
+            self._drop_images()
             self._closed = True
             _LIVE.discard(self)
         try:

@@ -1,11 +1,13 @@
 """The inference worker process: one InferenceSession behind the socket of worker_wire.py.
 
-    python -m ENSAMSegmentLib.core.worker_main --port PORT --options JSON    (key on stdin, one hex line)
+    python -m ENSAMSegmentLib.core.worker_main --port PORT --options JSON --image-folders JSON
+                                                                             (key on stdin, one hex line)
 
 Started by `WorkerSession` (worker.py), never by hand. Threads:
 
 * the reader reads every message at once into memory (so the parent never waits on a socket while the
-  model loads or works) and exits the process when the connection ends: the parent is gone;
+  model loads or works), an image from the file the message names (worker_wire.read_image, which deletes
+  it), and exits the process when the connection ends: the parent is gone;
 * the main thread loads the model (InferenceSession), says "ready" (or "fatal" and exits with code 2
   when the model or device cannot be used), then executes the messages in order;
 * the session's own thread runs the model; each request's future sends its reply when it completes.
@@ -13,6 +15,12 @@ Started by `WorkerSession` (worker.py), never by hand. Threads:
 Replies: {"op": "done" | "error" | "cancelled", "id": n, ...}. Object ids are the client's: the client
 numbers its objects the way InferenceSession does, and `_ids` maps them to the session's (they agree,
 the map only makes sure). Nothing here decides anything a session would not.
+
+An image file that cannot be read (it is written whole before its message is sent, so: no memory for it,
+or someone removed it) fails its request with the reason and ends the process (EXIT_TRANSFER): its
+session would otherwise keep the previous image under the new one's objects, and the client replaces a
+worker that ended. The image folders are removed whenever the process ends (the parent may have died
+with a file in them).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ import numpy  # noqa: F401  imported before the reader thread unpickles arrays w
 from . import worker_wire as wire
 
 EXIT_FATAL = 2  # the model or the device could not be used ("fatal" was sent)
+EXIT_TRANSFER = 3  # an image file could not be read (its request failed with the reason)
 
 
 class WorkerServer:
-    def __init__(self, conn, options: dict):
+    def __init__(self, conn, options: dict, image_folders=()):
         self.conn, self.options = conn, dict(options)
+        self.image_folders = [str(f) for f in image_folders]
         self.session = None
         self.inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
@@ -47,7 +57,14 @@ class WorkerServer:
             try:
                 wire.send(self.conn, message)
             except OSError:  # the parent is gone: nothing left to do
-                os._exit(0)
+                self.exit(0)
+
+    def exit(self, code: int) -> None:
+        """End the process now (from any thread), removing the image folders first."""
+        wire.remove_folders(self.image_folders)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def read_forever(self) -> None:
         """Reader thread: messages into the inbox; the end of the connection ends the process."""
@@ -55,10 +72,25 @@ class WorkerServer:
             try:
                 message = wire.recv(self.conn)
             except (EOFError, OSError):
-                os._exit(0)
+                self.exit(0)
+            if message.get("op") == "image" and "file" in message:
+                self._read_image(message)
             self.inbox.put(message)
             if message.get("op") == "close":
                 return
+
+    def _read_image(self, message: dict) -> None:
+        """The image's voxels from the file the message names, into the message (as "array")."""
+        try:
+            message["array"] = wire.read_image(message.pop("file"), message.pop("shape"), message.pop("dtype"),
+                                               self.image_folders)
+        except (OSError, ValueError, MemoryError) as error:
+            from .session_types import SessionError
+
+            text = f"the image did not reach the ENSAM worker process: {error}"
+            print(text, file=sys.stderr, flush=True)  # the client quotes the log's last line with the exit
+            self.send({"op": "error", "id": message["id"], "error": wire.encode_error(SessionError(text))})
+            self.exit(EXIT_TRANSFER)
 
     # -- main thread --------------------------------------------------------------------------
 
@@ -160,15 +192,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--options", default="{}", help="InferenceSession options as JSON")
+    parser.add_argument("--image-folders", default="[]", help="where the client puts images (JSON list)")
     args = parser.parse_args(argv)
-    key = bytes.fromhex(sys.stdin.readline().strip())
-    conn = wire.connect(args.port, key)
-    code = WorkerServer(conn, json.loads(args.options)).run()
+    folders = json.loads(args.image_folders)
+    try:
+        key = bytes.fromhex(sys.stdin.readline().strip())
+        conn = wire.connect(args.port, key)
+    except BaseException:  # the parent died before the handshake
+        wire.remove_folders(folders)
+        raise
+    server = WorkerServer(conn, json.loads(args.options), folders)
+    try:
+        code = server.run()
+    except BaseException:
+        wire.remove_folders(folders)
+        raise
     # Leave at once: nothing is saved here, and the interpreter's shutdown (torch's threads, the reader
     # blocked on the socket) can take seconds or abort; the parent kills a worker that lingers anyway.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    server.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,16 @@ Messages: any picklable object, sent as a header frame (pickle protocol 5 with o
 sizes of the buffers and the pickle) and one frame per buffer, so that a large image or mask goes out as
 its own memory and arrives in a writable bytearray of the right size (no copy in pickle, read-only arrays
 never reach numpy code that writes). Frames are multiprocessing.connection's (length-prefixed).
+
+Images do not go through the socket (worker.py `submit_image`): sending a 512x512x300 CT (300 MB as
+float32) that way kept the calling thread, Slicer's GUI thread, in `sendall` for 0.6 s, as long as the
+worker took to read it. Instead a helper thread of the client writes the voxels, in their own dtype, to a
+file in a private folder (`image_folders`: mode 0700, made with mkdtemp; on Linux in /dev/shm, so in RAM)
+with one `write` call that releases the GIL for the whole copy, and only the message naming the file
+(path, shape, dtype) goes over the socket. The worker reads the file into its own memory and deletes it
+(`read_image`: only files in the folders it was given, of exactly the announced size). Another local user
+can neither read the folder nor put a file in it; what the worker reads is named by a message on the
+authenticated connection.
 """
 
 from __future__ import annotations
@@ -22,11 +32,19 @@ import hashlib
 import hmac
 import os
 import pickle
+import shutil
 import socket
+import tempfile
 from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
 
 KEY_BYTES = 32
 HANDSHAKE_TIMEOUT_S = 5.0
+SHARED_MEMORY_ROOT = "/dev/shm"  # Linux: a tmpfs (RAM) every process may make a private folder in
+IMAGE_SPARE_BYTES = 16 << 20  # a folder is used for an image only with this much room left beside it
+_OPEN_FLAGS = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 def new_key() -> bytes:
@@ -106,6 +124,86 @@ def recv(conn: Connection):
             conn.recv_bytes()
         buffers.append(buffer)
     return pickle.loads(header, buffers=buffers)
+
+
+# -- images: a file in a private folder, not the socket (the module docstring) ------------------------
+
+def image_folders(private_dir) -> list[Path]:
+    """The folders an image may be handed over in, best first: a private folder (mode 0700) made in shared
+    memory (/dev/shm, where there is one) and `private_dir`/images (`private_dir`: a private folder of the
+    session's, e.g. from mkdtemp). The caller removes them (`remove_folders`)."""
+    folders = []
+    if os.path.isdir(SHARED_MEMORY_ROOT):
+        try:
+            folders.append(Path(tempfile.mkdtemp(prefix="ensam-image-", dir=SHARED_MEMORY_ROOT)))
+        except OSError:  # not writable here (a read-only or full /dev/shm): the other folder
+            pass
+    fallback = Path(private_dir) / "images"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    folders.append(fallback)
+    return folders
+
+
+def folder_for(folders, nbytes: int) -> Path | None:
+    """The first of `folders` with room for `nbytes` (and IMAGE_SPARE_BYTES beside), else None. A container's
+    /dev/shm often holds 64 MB only: the next folder then."""
+    for folder in folders:
+        try:
+            if shutil.disk_usage(folder).free >= nbytes + IMAGE_SPARE_BYTES:
+                return Path(folder)
+        except OSError:
+            continue
+    return None
+
+
+def remove_folders(folders) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_file(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:  # gone already (the worker read it, its folder was removed)
+        pass
+
+
+def write_image(path, array: np.ndarray) -> None:
+    """Write `array`'s bytes (C order, its own dtype) to a new file `path` (mode 0600; an existing file or a
+    link there is an error). One `os.write` call for a C-contiguous array: the GIL is released for the whole
+    copy (a non-contiguous array is made contiguous first, also without the GIL)."""
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def read_image(path, shape, dtype, folders) -> np.ndarray:
+    """The array `write_image` wrote to `path` (a writable array of `shape` and `dtype`), and the file
+    deleted, whether it could be read or not. ValueError for a file outside `folders` (nothing is read or
+    deleted then) or not of exactly the announced size; OSError when it cannot be read."""
+    path = Path(path)
+    if path.parent not in {Path(f) for f in folders}:
+        raise ValueError(f"{path} is not in the session's image folders")
+    try:
+        array = np.empty(tuple(int(n) for n in shape), np.dtype(dtype))
+        with open(os.open(path, os.O_RDONLY | _OPEN_FLAGS), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != array.nbytes:
+                raise ValueError(f"{path.name} holds {size:,} bytes, not the {array.nbytes:,} of a {dtype} "
+                                 f"array of shape {tuple(shape)}")
+            view, got = memoryview(array.reshape(-1).view(np.uint8)), 0
+            while got < array.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{path.name} ended after {got:,} of {array.nbytes:,} bytes")
+                got += n
+        return array
+    finally:
+        remove_file(path)
 
 
 def encode_error(error: BaseException) -> tuple[str, str]:

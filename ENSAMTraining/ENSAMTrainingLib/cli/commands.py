@@ -1,7 +1,8 @@
 """`ensam train`, `ensam coreset` and `ensam train-bench`: the training commands of the `ensam` tool.
 
 ENSAMSegmentLib/cli/main.py imports this module when ENSAMTrainingLib is installed and calls
-``register(subparsers)``, which adds these three and `ensam data` (cli_data.py).
+``register(subparsers)``, which adds these three and `ensam data` (data_commands.py). The work is done
+by ENSAMTrainingLib/core/, imported only when a command runs.
 
 Exit codes of `ensam train`: 0 finished (or stopped by --stop-after), 2 bad input (one line
 on stderr, and an "error" event on the progress stream), 3 interrupted by SIGINT/SIGTERM
@@ -17,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from .slicerlogic.command import DEFAULT_VOXEL_BUDGET  # torch-free: the tool's help needs no torch
+from ENSAMTrainingLib.runs.command import DEFAULT_VOXEL_BUDGET  # torch-free: the tool's help needs no torch
 
-# .data (DataError) imports torch: imported where a command runs, so that `ensam --help` and argument
-# errors answer at once.
+# core/ (the trainer, the data, the benchmarks) imports torch: imported where a command runs, so that
+# `ensam --help` and argument errors answer at once.
 
 TRAIN_HELP = """\
 Train ENSAM (or fine-tune a model file with --init-model) on challenge .npz files or image/label
@@ -28,7 +29,7 @@ pairs under --data. Writes RUN_DIR/checkpoint.pt (every --checkpoint-minutes, ea
 SIGINT/SIGTERM), metrics.csv, validation.csv, loss.png and, at the end, RUN_DIR/model.pt.
 --resume continues RUN_DIR exactly. Under `torchrun --nproc_per_node N` it trains with
 DistributedDataParallel. --progress-json - writes JSON-lines events to stdout
-(ENSAMTrainingLib.progress documents them)."""
+(ENSAMTrainingLib.core.progress documents them)."""
 
 
 def _user_error(message: str) -> Exception:
@@ -64,7 +65,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of .npz cases (also <Modality>/<Dataset>/<case>.npz) or image/label pairs")
     p.add_argument("--cases", help="case list (e.g. from `ensam coreset`), paths relative to --data")
     p.add_argument("--synthetic", metavar="DIR", help="label maps (files, pairs' labels, .npz gts): each sample's "
-                   "image is synthesised from them (SynthSeg-style, ENSAMTrainingLib.synth); alone, or with --data")
+                   "image is synthesised from them (SynthSeg-style, ENSAMTrainingLib.core.synth); alone, or with --data")
     p.add_argument("--synth-probability", type=float, metavar="P",
                    help="chance that a sample of a real --data case gets a synthesised image instead (0)")
     p.add_argument("--procedural", type=int, metavar="N", help="procedural scenes (tubes, vessel trees, lesions, "
@@ -111,8 +112,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def _export(args) -> int:
     import torch
 
-    from .checkpoint import CheckpointError
-    from .trainer import export_model
+    from ENSAMTrainingLib.core.checkpoint import CheckpointError
+    from ENSAMTrainingLib.core.trainer import export_model
 
     try:
         path = export_model(args.out, args.export, torch.float16 if args.fp16 else None)
@@ -127,8 +128,8 @@ def _rank() -> int:
 
 
 def run_train(args) -> int:
-    from .progress import ProgressStream
-    from .trainer import EXIT_INTERRUPTED, RESUME_OVERRIDES, TrainConfig, TrainingError, resume, train
+    from ENSAMTrainingLib.core.progress import ProgressStream
+    from ENSAMTrainingLib.core.trainer import EXIT_INTERRUPTED, RESUME_OVERRIDES, TrainConfig, TrainingError, resume, train
 
     if args.export:
         return _export(args)
@@ -141,11 +142,11 @@ def run_train(args) -> int:
     if given.get("init_model") and given.get("model_config"):
         print("ensam train: the architecture comes from --init-model; ignoring --model-config/--position-encoding",
               file=sys.stderr)
-    from .cases import DataError
-    from .runlock import RunLock, RunLockedError
+    from ENSAMTrainingLib.core.cases import DataError
+    from ENSAMTrainingLib.core.runlock import RunLock, RunLockedError
 
     progress = ProgressStream(args.progress_json if _rank() == 0 else None)
-    lock = RunLock(args.out) if _rank() == 0 else None  # one training process per run folder (runlock.py)
+    lock = RunLock(args.out) if _rank() == 0 else None  # one training process per run folder (core/runlock.py)
     try:
         if lock is not None:
             lock.acquire()
@@ -182,7 +183,7 @@ def add_coreset_parser(subparsers) -> argparse.ArgumentParser:
         help="select a training coreset: equal counts per dataset, bad cases skipped",
         description="Select --fraction of the cases under --data (at most --max), the same number from every "
         "dataset, skipping unreadable cases, uint8 label overflow and broken normalisation "
-        "(ENSAMTrainingLib.coreset documents the criteria). Writes the case list and LIST-stem.report.json.",
+        "(ENSAMTrainingLib.core.coreset documents the criteria). Writes the case list and LIST-stem.report.json.",
     )
     p.add_argument("--data", required=True, help="folder of cases (as for `ensam train`)")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of all cases (default 0.1)")
@@ -198,8 +199,8 @@ def add_coreset_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_coreset(args) -> int:
-    from .coreset import select_coreset, write_coreset
-    from .cases import DataError
+    from ENSAMTrainingLib.core.cases import DataError
+    from ENSAMTrainingLib.core.coreset import select_coreset, write_coreset
 
     try:
         result = select_coreset(args.data, args.fraction, args.max_cases, args.exclude, args.seed, args.workers)
@@ -218,7 +219,7 @@ def register(subparsers) -> None:
     """Add `train`, `coreset` and `train-bench` to the `ensam` tool."""
     add_train_parser(subparsers)
     add_coreset_parser(subparsers)
-    from .cli_data import add_data_parser
+    from .data_commands import add_data_parser
 
     add_data_parser(subparsers)
     add_bench_parser(subparsers)
@@ -228,9 +229,9 @@ def register(subparsers) -> None:
 
 
 def _later(module: str, name: str):
-    """The command function `name` of `module`, imported only when the command runs."""
+    """The command function `name` of ENSAMTrainingLib.core.`module`, imported only when the command runs."""
     def run(args) -> int:
-        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(args)
+        return getattr(importlib.import_module(f"ENSAMTrainingLib.core.{module}"), name)(args)
 
     return run
 
@@ -247,7 +248,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """`ensam train-bench`; its commands live in bench.py, which imports torch: loaded when one runs."""
+    """`ensam train-bench`; its commands live in core/bench.py, which imports torch: loaded when one runs."""
     p = subparsers.add_parser("train-bench", help="training benchmarks: the paper's ablation, throughput")
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     sub.required = True

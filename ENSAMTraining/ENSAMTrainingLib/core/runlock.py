@@ -10,9 +10,9 @@ drops when the process ends however it ends (SIGKILL included), so a file left b
 the next one, and a reused PID never fakes a live one. DataLoader workers forked from the trainer share
 the lock: the folder stays locked until every process of the run is gone.
 
-Both sides use it: `ensam train` takes the lock (ENSAMTrainingLib/cli_commands.py), so even a second run
+Both sides use it: `ensam train` takes the lock (ENSAMTrainingLib/cli/commands.py), so even a second run
 started from a terminal is refused; the ENSAM Training module checks `holder()` before it starts or
-resumes a run (slicerlogic/controller.py), so the user hears it at once.
+resumes a run (mrml/controller.py), so the user hears it at once.
 """
 
 from __future__ import annotations

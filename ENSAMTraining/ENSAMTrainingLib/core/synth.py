@@ -25,7 +25,7 @@ trilinearly (SynthSeg's way). MONAI's intensity augmentation still runs after th
 
 ``procedural_scene(shape, rng)`` makes a whole label map from nothing (kind "procedural" cases).
 
-Speed (CPU time on one core of the 2-core Xeon, ``python -m ENSAMTrainingLib.synth`` on a
+Speed (CPU time on one core of the 2-core Xeon, ``python -m ENSAMTrainingLib.core.synth`` on a
 procedural label map; crops of the TotalSegmentator and MNI label maps alike): 0.07-0.10 s per
 64x96x96 crop, 0.11-0.15 s per 96x128x128 crop; a procedural scene of PROCEDURAL_SHAPE 0.05 s.
 Arrays are (z, y, x); every function is deterministic in its ``rng`` (np.random.Generator).

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import runs
-from .command import (
+from ENSAMTrainingLib.runs import folders
+from ENSAMTrainingLib.runs.command import (
     SetupError,
     TrainSettings,
     check_data_folder,
@@ -28,10 +28,11 @@ from .command import (
     resume_command,
     train_command,
 )
+from ENSAMTrainingLib.runs.process import BackgroundCommand, TrainingProcess, describe_exit
+from ENSAMTrainingLib.runs.progressparser import FINISHED
+
 from .models import ModelInstallError, check_model_file, install_model
 from .mrmlviews import ProgressViews, coreset_tables
-from .process import BackgroundCommand, TrainingProcess, describe_exit
-from .progressparser import FINISHED
 from .sceneexport import SceneExportError
 
 # What a refused action raises: its message is for the user (the widget shows it, nothing started).
@@ -101,7 +102,7 @@ class TrainingController:
         """Select a coreset of ``data`` into a new folder under ``output`` (in a child process)."""
         self._check_idle()
         summary = check_data_folder(data)
-        folder = runs.new_folder(_output(output), "coreset")
+        folder = folders.new_folder(_output(output), "coreset")
         command = coreset_command(summary.folder, folder / "cases.txt", fraction, max_cases, list(exclude), seed,
                                   python=self.python)
         job = BackgroundCommand(command.argv, command.log_path, command.env)
@@ -150,7 +151,7 @@ class TrainingController:
             if not self.coreset.usable:
                 raise SetupError(f"cannot train on this coreset: {self.coreset.problem or self.coreset.error}")
         _check_not_in_use(settings.run_dir)
-        if runs.run_status(settings.run_dir) != runs.EMPTY:
+        if folders.run_status(settings.run_dir) != folders.EMPTY:
             raise SetupError(f"{settings.run_dir} already holds a run: resume it, or start a new one")
         return self._start(train_command(settings, python=self.python))
 
@@ -162,7 +163,7 @@ class TrainingController:
                 raise SetupError("no run to resume: choose its folder")
             run_dir = self.training.command.run_dir
         _check_not_in_use(run_dir)
-        if runs.run_status(run_dir) == runs.FINISHED:
+        if folders.run_status(run_dir) == folders.FINISHED:
             raise SetupError(f"the run in {run_dir} has finished already")
         if device:
             check_device(device)
@@ -181,7 +182,8 @@ class TrainingController:
                        voxel_budget: int | None = None, options: dict | None = None, dataset: str = "Scene",
                        modality: str = "auto", pairs=None) -> TrainingProcess:
         """Export the scene's segmentations to a new folder under ``output`` and fine-tune ``init_model`` on them."""
-        from .command import DEFAULT_VOXEL_BUDGET
+        from ENSAMTrainingLib.runs.command import DEFAULT_VOXEL_BUDGET
+
         from .sceneexport import export_scene
 
         self._check_idle()
@@ -190,8 +192,8 @@ class TrainingController:
         _check_start_model(init_model)
         check_device(device)
         output = _output(output)
-        self.scene_export = export_scene(self.scene, runs.new_folder(output, "scene"), dataset, modality, pairs=pairs)
-        settings = TrainSettings(self.scene_export.folder, runs.new_folder(output, "run"), epochs=epochs,
+        self.scene_export = export_scene(self.scene, folders.new_folder(output, "scene"), dataset, modality, pairs=pairs)
+        settings = TrainSettings(self.scene_export.folder, folders.new_folder(output, "run"), epochs=epochs,
                                  voxel_budget=voxel_budget or DEFAULT_VOXEL_BUDGET, device=device,
                                  init_model=Path(init_model), options=dict(options or {}))
         return self.start_training(settings)
@@ -243,7 +245,7 @@ class TrainingController:
 
 def _check_not_in_use(run_dir) -> None:
     """SetupError while a training process (of this Slicer, an earlier one, or a terminal) holds the folder."""
-    from ..runlock import holder
+    from ENSAMTrainingLib.core.runlock import holder
 
     info = holder(run_dir)
     if info is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .progressparser import TrainingProgress
+from ENSAMTrainingLib.runs.progressparser import TrainingProgress
 
 ROLE = "ENSAMTraining.role"
 PREFIX = "ENSAM training"

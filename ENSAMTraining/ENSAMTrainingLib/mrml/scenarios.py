@@ -1,9 +1,9 @@
 """Scenarios of the ENSAMTraining logic: plain functions of (scene, work folder), run by two runners.
 
-* pytest (Testing/training_module/test_scenarios.py) on a headless scene from the slicer-core wheel;
+* pytest (Testing/training_module/test_training_scenarios.py) on a headless scene from the slicer-core wheel;
 * the module's self-test inside Slicer (``ENSAMTrainingTest``) on ``slicer.mrmlScene``:
 
-    from ENSAMTrainingLib.slicerlogic.scenarios import SCENARIOS
+    from ENSAMTrainingLib.mrml.scenarios import SCENARIOS
     for name, scenario in SCENARIOS.items():
         slicer.mrmlScene.Clear()
         scenario(slicer.mrmlScene, Path(tempfile.mkdtemp()))
@@ -24,11 +24,12 @@ import numpy as np
 from ENSAMSegmentLib.mrml.selftest_scenarios import ScenarioFailure, expect
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 
-from . import runs
-from .command import SetupError, TrainSettings
+from ENSAMTrainingLib.runs import folders
+from ENSAMTrainingLib.runs.command import SetupError, TrainSettings
+from ENSAMTrainingLib.runs.process import wait_until
+from ENSAMTrainingLib.runs.progressparser import FAILED, FINISHED, INTERRUPTED
+
 from .controller import TrainingController
-from .process import wait_until
-from .progressparser import FAILED, FINISHED, INTERRUPTED
 
 # A small ENSAM (about 0.5 M parameters; = Testing/training/conftest.py's TINY_MODEL).
 TINY_MODEL = dict(init_filters=8, norm_groups=4, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32,
@@ -66,7 +67,7 @@ def tiny_model_file(path: Path) -> Path:
 
 
 def settings(data: Path, work: Path, **changes) -> TrainSettings:
-    values = dict(data=data, run_dir=runs.new_folder(work / "runs"), epochs=2, voxel_budget=TINY_BUDGET,
+    values = dict(data=data, run_dir=folders.new_folder(work / "runs"), epochs=2, voxel_budget=TINY_BUDGET,
                   device="cpu", options=dict(FAST))
     values.update(changes)
     return TrainSettings(**values)
@@ -223,7 +224,7 @@ def scene_export_keeps_geometry(scene, work: Path) -> None:
            "empty segment not reported")
     expect(case.overlap_voxels == int((masks[0] & masks[2]).sum()) > 0, f"overlap {case.overlap_voxels}")
     expect_raises_export(export_scene, scene, work / "export")  # exists: never overwritten
-    from ENSAMTrainingLib.cases import find_cases
+    from ENSAMTrainingLib.core.cases import find_cases
 
     found = find_cases(export.folder)
     expect([(c.dataset, c.modality) for c in found] == [("My_cases", "CT")], f"ensam train sees {found}")
@@ -254,7 +255,7 @@ def train_stop_resume_install(scene, work: Path) -> None:
     expect(run.state == INTERRUPTED, f"state {run.state}: {run.message}")
     expect(run.returncode == 3 and "Resume" in run.message, f"exit {run.returncode}: {run.message}")
     expect(controller.finished_model is None and not (run.command.run_dir / "model.pt").exists(), "a model after Stop")
-    expect(runs.latest_resumable(work / "runs") == run.command.run_dir, "the stopped run is not resumable")
+    expect(folders.latest_resumable(work / "runs") == run.command.run_dir, "the stopped run is not resumable")
     stopped_at = run.progress.step
 
     resumed = controller.resume()

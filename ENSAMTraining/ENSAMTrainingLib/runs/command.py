@@ -28,7 +28,7 @@ from ENSAMSegmentLib.core.interpreter import child_environment as interpreter_ch
 from ENSAMSegmentLib.core.interpreter import package_folders as interpreter_package_folders
 from ENSAMSegmentLib.core.interpreter import python_interpreter
 
-DEFAULT_VOXEL_BUDGET = 4_194_304  # = ENSAMTrainingLib.data.DEFAULT_VOXEL_BUDGET (that module imports torch)
+DEFAULT_VOXEL_BUDGET = 4_194_304  # = ENSAMTrainingLib.core.data.DEFAULT_VOXEL_BUDGET (that module imports torch)
 DEFAULT_EPOCHS = 15  # = TrainConfig.epochs
 CLI_MODULE = "ENSAMSegmentLib.cli.main"
 PROGRESS_FILE = "progress.jsonl"
@@ -255,8 +255,8 @@ def describe_data_folder(folder) -> str:
 
 
 def check_data_folder(folder) -> DataSummary:
-    """Cases under ``folder`` (data.find_cases); SetupError when there is nothing to train on."""
-    from ENSAMTrainingLib.cases import DataError, find_cases
+    """Cases under ``folder`` (core/cases.find_cases); SetupError when there is nothing to train on."""
+    from ENSAMTrainingLib.core.cases import DataError, find_cases
 
     if folder is None or not str(folder).strip() or str(folder) == ".":
         raise SetupError("choose the folder with the training data first")
@@ -291,9 +291,9 @@ def check_data_folder(folder) -> DataSummary:
 def check_device(name: str) -> str:
     """The torch device ``name`` resolves to ("auto" included); SetupError when it is not there.
 
-    The same test `ensam train` makes (trainer.pick_device), done here so the user hears at once.
+    The same test `ensam train` makes (core/trainer.pick_device), done here so the user hears at once.
     """
-    from ENSAMTrainingLib.trainer import TrainingError, pick_device
+    from ENSAMTrainingLib.core.trainer import TrainingError, pick_device
 
     try:
         return str(pick_device(name or "auto"))

@@ -1,8 +1,8 @@
 """Run folders of the module: one new folder per training run, inside the chosen output folder.
 
-    <output folder>/run-20250101-120000/     a run (`ensam train --out`; trainer.py lists its files)
+    <output folder>/run-20250101-120000/     a run (`ensam train --out`; core/trainer.py lists its files)
     <output folder>/coreset-20250101-115500/ a coreset selection (cases.txt, cases.report.json, cases.log)
-    <output folder>/scene-20250101-121500/   a scene export ("Train on this scene"; sceneexport.py)
+    <output folder>/scene-20250101-121500/   a scene export ("Train on this scene"; mrml/sceneexport.py)
 
 A run is *finished* when it holds model.pt, *resumable* when it holds checkpoint.pt without
 model.pt (stopped, interrupted, or killed after its last checkpoint), else *empty*.

@@ -12,11 +12,11 @@ interpreter (python-real inside Slicer, not the PythonSlicer launcher, which for
 ENSAMSegmentLib/core/interpreter.py). Stop (`request_stop`) sends SIGINT to that whole group:
 `ensam train` finishes the current accumulation group, writes a checkpoint and exits with code 3
 (state INTERRUPTED; `resume_command` continues); its DataLoader workers ignore SIGINT
-(trainer._ignore_stop_signals). A second request (or `kill`) sends SIGKILL to the whole group; the
+(core/trainer._ignore_stop_signals). A second request (or `kill`) sends SIGKILL to the whole group; the
 last checkpoint stays. When the main process has ended, whatever is left of its group is killed: Stop
 ends the whole process tree. On Windows a console process cannot be sent SIGINT by another process;
 there Stop terminates the child and `kill` ends the tree (taskkill /T); the run continues from its last
-periodic or epoch checkpoint. The run folder's lock (ENSAMTrainingLib/runlock.py, taken by `ensam train`)
+periodic or epoch checkpoint. The run folder's lock (ENSAMTrainingLib/core/runlock.py, taken by `ensam train`)
 refuses a second run in the same folder while any process of the first lives.
 
 The verdict trusts nothing half-written: a run counts as FINISHED only when the process exited
@@ -39,7 +39,7 @@ from .command import TrainCommand
 from .progressparser import FAILED, FINISHED, INTERRUPTED, STOPPED, WAITING, ProgressParser
 
 STOPPING = "stopping"
-EXIT_INTERRUPTED = 3  # = ENSAMTrainingLib.trainer.EXIT_INTERRUPTED (that module imports torch)
+EXIT_INTERRUPTED = 3  # = ENSAMTrainingLib.core.trainer.EXIT_INTERRUPTED (that module imports torch)
 LOG_LINES_KEPT = 2000
 
 
@@ -277,14 +277,16 @@ class TrainingProcess(BackgroundCommand):
         return (self.command.run_dir / "checkpoint.pt").is_file()
 
     def _accept_model(self, model: str | None) -> None:
-        from .models import ModelInstallError, check_model_file
+        """FINISHED only when the model file builds the network and loads every weight (on the CPU;
+        mrml/models.check_model_file makes the same test before installing it)."""
+        from ENSAMSegmentLib.core.modelfile import ModelFileError, load_model
 
         path = Path(model) if model else self.command.run_dir / "model.pt"
         if not path.is_absolute():
             path = self.command.run_dir / path.name
         try:
-            check_model_file(path)
-        except ModelInstallError as error:
+            load_model(path, "cpu")
+        except ModelFileError as error:
             self.state, self.model = FAILED, None
             self.message = f"Training ended, but its model cannot be used: {error}"
             return

@@ -1,4 +1,4 @@
-"""`ensam train`'s progress stream (JSON lines, ENSAMTrainingLib.progress) -> `TrainingProgress`.
+"""`ensam train`'s progress stream (JSON lines, ENSAMTrainingLib.core.progress) -> `TrainingProgress`.
 
     text chunks --ProgressParser.feed--> complete lines --parse--> events --apply--> TrainingProgress
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ENSAMTrainingLib.progress import parse_event
+from ENSAMTrainingLib.core.progress import parse_event
 
 # States of a run as the stream tells them (the process adds "stopping" and exit codes).
 WAITING, RUNNING, FINISHED, INTERRUPTED, STOPPED, FAILED = (
