@@ -8,6 +8,7 @@
   loss         generalized Dice + 2 x binary cross-entropy, per object
   optim        Muon for weight matrices, AdamW for the rest; the learning-rate schedule
   trainer      the training loop: `train`, `resume`, `export_model`; checkpoints, signals, DDP
+  runsetup     a run's settings (TrainConfig) and the device, cases and model they name
   checkpoint   checkpoints that continue a run exactly, written atomically
   distributed  torchrun process groups and the collectives the loop needs
   validation   box + 5 clicks on held-out cases, with the controls that show the prompts are used

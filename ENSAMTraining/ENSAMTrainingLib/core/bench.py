@@ -224,7 +224,7 @@ def measure_throughput(
     tune_malloc: keep freed memory (devices.keep_freed_memory) on the CPU, as the trainer does."""
     from .optim import make_optimizers
     from .step import InteractiveStep
-    from .trainer import TrainConfig, build_model, pick_device, renormalize
+    from .runsetup import TrainConfig, build_model, pick_device, renormalize
 
     torch_device = pick_device(device)
     malloc = "default"

@@ -291,9 +291,9 @@ def check_data_folder(folder) -> DataSummary:
 def check_device(name: str) -> str:
     """The torch device ``name`` resolves to ("auto" included); SetupError when it is not there.
 
-    The same test `ensam train` makes (core/trainer.pick_device), done here so the user hears at once.
+    The same test `ensam train` makes (core/runsetup.pick_device), done here so the user hears at once.
     """
-    from ENSAMTrainingLib.core.trainer import TrainingError, pick_device
+    from ENSAMTrainingLib.core.runsetup import TrainingError, pick_device
 
     try:
         return str(pick_device(name or "auto"))
