@@ -41,8 +41,12 @@ def test_the_boundary_is_measured_per_click_and_adds_up(small_model, capsys):
     assert b["boundary_fraction"] == pytest.approx(b["boundary_s_median"] / b["click_s_median"])
     assert b["target_met"] == (b["boundary_fraction"] < 0.05) and b["target_fraction"] == 0.05
     assert "worker process (PID" in captured.err and "boundary" in captured.err
+    # submit_image's time on the calling thread: measured images through the file, the warm-up one the socket
+    assert len(samples["submit_image"]) == 2 and len(samples["submit_image_socket"]) == 1
+    assert b["submit_image_s_median"] > 0 and b["submit_image_socket_s_median"] > 0
 
 
 def test_the_table_says_it(small_model, capsys):
     out = _bench(capsys, "--checkpoint", str(small_model)).out
     assert "worker process (as in Slicer): click" in out and "% of a click (target < 5 %" in out
+    assert "submit_image kept the calling (GUI) thread" in out and "through the socket as before" in out

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import pickle
+import queue
 import signal
 import stat
 import subprocess
@@ -104,9 +105,11 @@ def echo_dir(tmp_path_factory):
 
 
 def echo_env(echo_dir, read: str = "") -> dict:
+    """The worker's environment: the echo's sitecustomize on PYTHONPATH (WorkerSession puts the package
+    folders before it)."""
     env = child_environment(folders=[str(echo_dir)])
     env["ECHO_READ"] = read
-    return child_environment(env)  # the package folders first, the echo's sitecustomize after them
+    return env
 
 
 def echo_session(echo_dir, read: str = "", **options) -> WorkerSession:
@@ -341,13 +344,14 @@ def test_no_image_file_outlives_a_worker_killed_mid_transfer(echo_dir, held_writ
         session.close()
 
 
-def test_the_worker_removes_the_image_folders_when_its_parent_dies(echo_dir, tmp_path):
+def test_the_worker_removes_the_image_folders_when_its_parent_dies(echo_dir):
     """Slicer killed with an image file written but not yet sent: the worker, ending with its parent,
     removes the folders."""
     script = textwrap.dedent(f"""
         import sys, threading
         import numpy as np
         from ENSAMSegmentLib.core import worker_wire as wire
+        from ENSAMSegmentLib.core.interpreter import child_environment
         from ENSAMSegmentLib.core.worker import WorkerSession
 
         write = wire.write_image
@@ -358,7 +362,7 @@ def test_the_worker_removes_the_image_folders_when_its_parent_dies(echo_dir, tmp
             threading.Event().wait()  # the message naming it never goes
 
         wire.write_image = write_and_stay
-        session = WorkerSession(None, "cpu", env={echo_env(echo_dir)!r})
+        session = WorkerSession(None, "cpu", env=child_environment(folders=[{str(echo_dir)!r}]))
         while not session.ready:
             session.poll(0.05)
         print(session.pid, flush=True)
@@ -367,16 +371,18 @@ def test_the_worker_removes_the_image_folders_when_its_parent_dies(echo_dir, tmp
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env=child_environment())
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in parent.stdout], daemon=True).start()
     try:
-        worker_pid = int(parent.stdout.readline())
-        path = parent.stdout.readline().strip()
+        worker_pid = int(lines.get(timeout=60))
+        path = lines.get(timeout=30).strip()
         assert os.path.isfile(path)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
+        assert _gone(worker_pid)
         end = time.monotonic() + 10
         while os.path.exists(os.path.dirname(path)) and time.monotonic() < end:
             time.sleep(0.05)
         assert not os.path.exists(os.path.dirname(path)), "the image folder outlived both processes"
-        assert _gone(worker_pid)
     finally:
         parent.kill()

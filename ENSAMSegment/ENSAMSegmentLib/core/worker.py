@@ -23,8 +23,10 @@ kept the calling thread 0.4 s (int16) to 0.6 s (float32) in `sendall`. The helpe
 only to start and to finish: the copy is one `write` call (in Slicer the GIL is free only at the poll
 ticks). A newer image cancels one still being handed over, and the requests queued behind it; a file that
 cannot be written (no room) fails the image with the reason, the requests behind it with NoImageError,
-and leaves the worker's session as it was. `image_transport="socket"` sends the array through the socket
-from the calling thread instead (the way before; `ensam bench --worker` measures both).
+and leaves the worker's session as it was. The image folders are removed at close(), when the worker is
+found dead, and by the worker whenever it exits (so also when Slicer dies with a file in them).
+`image_transport="socket"` sends the array through the socket from the calling thread instead (the way
+before; `ensam bench --worker` measures both).
 
 The contract (session_contract.py) is InferenceSession's: the same validation and errors at submission
 (this class runs the same checks of session_types.py), the same object ids and selection rules, the
@@ -145,7 +147,7 @@ class WorkerSession:
     """
 
     def __init__(self, model_path=None, device: str = "auto", *, python: str | None = None,
-                 env: dict | None = None, image_transport: str = "socket", **options):
+                 env: dict | None = None, image_transport: str = "file", **options):
         self.model_path = None if model_path is None or str(model_path) in ("", ".") else str(model_path)
         if self.model_path is not None and not Path(self.model_path).is_file():  # said now, not in a few seconds
             from .modelfile import missing_model_message
@@ -449,7 +451,7 @@ class WorkerSession:
                 return
             handoff = self._handoff()
             if handoff is not None and timeout and not handoff.done.is_set():
-                handoff.done.wait(timeout)  # a synchronous caller: nothing else can come before it
+                handoff.done.wait(timeout)  # a waiting caller: the file first, then the replies (next call)
                 timeout = 0.0
             self._check_handoff()
             if self._conn is None and not self._connect():
