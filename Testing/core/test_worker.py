@@ -27,6 +27,7 @@ from ENSAMSegmentLib.core.session_types import (
     SessionError, UnknownObjectError, WorkerCrashedError,
 )
 from ENSAMSegmentLib.core.worker import WorkerSession
+from process_checks import gone
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 SHAPE = (32, 48, 48)
@@ -49,21 +50,6 @@ def worker(model_file):
     session = WorkerSession(model_file, "cpu", torch_threads=1)
     yield session
     session.close()
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once `pid` no longer runs (ended, or a zombie waiting to be reaped)."""
-    import psutil
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_both_sessions_have_the_whole_contract():
@@ -178,7 +164,7 @@ def test_close_ends_a_busy_worker_at_once_and_an_idle_one_cleanly(model_file):
     start = time.monotonic()
     busy.close()
     assert time.monotonic() - start < 1.0 and future.cancelled()
-    assert busy.process.returncode is not None and _gone(busy.pid)
+    assert busy.process.returncode is not None and gone(busy.pid)
 
     idle = WorkerSession(model_file, "cpu", torch_threads=1)
     while not idle.ready:
@@ -234,7 +220,7 @@ def test_the_worker_ends_with_its_parent(model_file, tmp_path):
         worker_pid = int(parent.stdout.readline())
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        assert _gone(worker_pid), "the worker outlived its parent"
+        assert gone(worker_pid), "the worker outlived its parent"
     finally:
         parent.kill()
 

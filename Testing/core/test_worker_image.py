@@ -30,6 +30,7 @@ from ENSAMSegmentLib.core.modelfile import create_untrained_model_file
 from ENSAMSegmentLib.core.network import ENSAMConfig
 from ENSAMSegmentLib.core.session_types import NoImageError, SessionError, WorkerCrashedError
 from ENSAMSegmentLib.core.worker import WorkerSession
+from process_checks import gone
 
 SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 
@@ -118,20 +119,6 @@ def echo_session(echo_dir, read: str = "", **options) -> WorkerSession:
         session.poll(0.05)
         assert not session.closed, session.failure
     return session
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    import psutil
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def digest(array: np.ndarray) -> str:
@@ -379,7 +366,7 @@ def test_the_worker_removes_the_image_folders_when_its_parent_dies(echo_dir):
         assert os.path.isfile(path)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        assert _gone(worker_pid)
+        assert gone(worker_pid)
         end = time.monotonic() + 10
         while os.path.exists(os.path.dirname(path)) and time.monotonic() < end:
             time.sleep(0.05)

@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 import pytest
+from process_checks import gone
 
 BOX = ((6, 8, 10), (17, 23, 29))  # inclusive (z, y, x)
 SLOW_SHAPE = (96, 160, 160)  # about 1.6 s to encode on one thread: long enough to act while it runs
@@ -63,22 +64,6 @@ def worker_pool():
     pool = SessionPool(worker_factory(torch_threads=1))
     yield pool
     pool.close_all()
-
-
-def _gone(pid, timeout=10.0):
-    import time
-
-    import psutil
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_result_that_cannot_be_written_leaves_the_segment_and_says_why(headless, pool, small_model_file, one_thread):
@@ -176,7 +161,7 @@ def test_cancel_stops_the_encoding_and_a_tool_starts_it_again(headless, pool, sm
     assert not controller.busy and controller.session is None and "cancelled" in controller.status
     assert session.closed
     if hasattr(session, "pid"):
-        assert _gone(session.pid), "the worker was not stopped"
+        assert gone(session.pid), "the worker was not stopped"
     controller.start_tool("box")
     assert controller.encoding and controller.session is not session
     controller.stop_tool()
@@ -200,7 +185,7 @@ def test_another_model_or_device_gets_its_own_session(headless, worker_pool, sma
     other = create_untrained_model_file(tmp_path / "other.pt", seed=1, config=ENSAMConfig(
         init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32))
     controller.set_model(other, "cpu")  # model reload: a new worker; the old one ends
-    assert controller.session is not first and first.closed and _gone(first.pid)
+    assert controller.session is not first and first.closed and gone(first.pid)
     controller.wait()
     assert controller.status.startswith("Ready") and controller.session.model_info["path"] == str(other)
     if not torch.cuda.is_available():  # a device this machine lacks: said, not raised; then back to the CPU
