@@ -1,8 +1,9 @@
 """TrainingController paths the scenarios do not take: a child that cannot start, a coreset run that
-leaves no readable report. Neither may leave the controller busy."""
+leaves no readable report (neither may leave the controller busy); Start imports no torch."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -38,3 +39,29 @@ def test_a_coreset_run_without_a_readable_report_fails_clearly(scene, tmp_path, 
     assert controller.coreset.report is None and "cannot read the coreset report" in controller.coreset.error
     assert controller.message.startswith("Coreset selection failed: cannot read the coreset report")
     assert not controller.coreset.usable
+
+
+def test_start_imports_no_torch(tmp_path, tiny_data):
+    """Start in the module (TrainingController.start_training: the checks, the command line, the child
+    process, the first poll) imports neither torch nor MONAI in Slicer's process: importing torch on the
+    GUI thread froze Slicer for seconds at the first Start. The child imports it."""
+    code = f"""
+import sys
+from pathlib import Path
+from ENSAMSegmentLib.mrml.scene import new_scene
+from ENSAMTrainingLib.mrml.controller import TrainingController
+from ENSAMTrainingLib.runs.command import TrainSettings
+
+controller = TrainingController(new_scene().scene, models_folder=Path({str(tmp_path / "models")!r}))
+settings = TrainSettings(Path({str(tiny_data)!r}), Path({str(tmp_path / "run")!r}), epochs=1, voxel_budget=4096,
+                         device="auto", options={{"workers": 0}})
+run = controller.start_training(settings)
+controller.poll()
+loaded = sorted({{"torch", "monai"}} & set(sys.modules))
+started = run.pid is not None
+run.kill()
+print(loaded, started)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[] True", result.stdout + result.stderr

@@ -1,6 +1,6 @@
 """The ENSAMTraining logic scenarios (the module's self-test runs the same functions inside Slicer):
-bad input, `ensam coreset` tables, scene export of an oblique volume, real short training runs with
-Stop / Resume / install, a killed run, and "Train on this scene"."""
+bad input, a device the machine lacks, `ensam coreset` tables, scene export of an oblique volume, real
+short training runs with Stop / Resume / install, a killed run, and "Train on this scene"."""
 
 from __future__ import annotations
 

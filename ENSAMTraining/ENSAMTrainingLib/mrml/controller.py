@@ -1,7 +1,9 @@
 """TrainingController: the ENSAMTraining module's workflow, without Qt (the widget calls it and polls).
 
     start_coreset(...)  -> `ensam coreset` in a child process; when done: report, tables, problem
-    start_training(...) -> `ensam train` in a child process (checked first: data, device, model, coreset)
+    start_training(...) -> `ensam train` in a child process (checked first: data, device name, model, coreset;
+                           torch is imported only to check a model to fine-tune: a device the
+                           machine lacks fails the run itself, at once)
     train_on_scene(...) -> export the scene's segmentations (sceneexport), then fine-tune on them
     request_stop()      -> the run checkpoints and exits; resume() continues it (never waits; poll() says when)
     poll()              -> reads the children's output, updates the table and plot nodes; never blocks

@@ -95,8 +95,8 @@ def _table_column(node, name: str) -> list[str]:
 
 
 def bad_input_is_refused(scene, work: Path) -> None:
-    """Empty, missing, unreadable or unlabelled data, a device that is not there, a model file that is
-    not one, no output folder: each refused with a clear message, nothing started."""
+    """Empty, missing, unreadable or unlabelled data, an unknown device name, a model file that is not
+    one, no output folder: each refused with a clear message, nothing started."""
     controller = TrainingController(scene, models_folder=work / "models")
     data = tiny_dataset(work / "data")
     (work / "empty").mkdir()
@@ -119,7 +119,7 @@ def bad_input_is_refused(scene, work: Path) -> None:
             expect_setup_error("cannot read", controller.start_training, settings(locked, work))
         finally:
             locked.chmod(0o755)
-    expect_setup_error("cuda:99", controller.start_training, settings(data, work, device="cuda:99"))
+    expect_setup_error("unknown device 'tpu'", controller.start_training, settings(data, work, device="tpu"))
     not_a_model = work / "not-a-model.pt"
     not_a_model.write_bytes(b"PK\x03\x04 half a file")
     expect_setup_error("cannot fine-tune", controller.start_training, settings(data, work, init_model=not_a_model))
@@ -285,6 +285,19 @@ def train_stop_resume_install(scene, work: Path) -> None:
     expect_setup_error("finished already", controller.resume)
 
 
+def absent_device_fails_the_run(scene, work: Path) -> None:
+    """A device this machine lacks (cuda:99): Start checks only its name (asking torch would freeze
+    Slicer while torch loads); the run itself ends at once, failed, with the reason, and trains nothing."""
+    data = tiny_dataset(work / "data")
+    controller = TrainingController(scene, models_folder=work / "models")
+    run = controller.start_training(settings(data, work, device="cuda:99"))
+    run_until(controller, lambda: not controller.training_running, "the run on cuda:99 to end")
+    expect(run.state == FAILED and "cuda:99" in run.message and "Training failed" in run.message,
+           f"state {run.state}: {run.message}")
+    expect(run.progress.steps == [] and not (run.command.run_dir / "checkpoint.pt").exists(), "it trained")
+    expect(controller.finished_model is None and not controller.busy, "a model, or still busy")
+
+
 def dead_process_is_reported(scene, work: Path) -> None:
     """A run killed mid-way (SIGKILL: no checkpoint, no "done"): failed, with a clear message and no
     model; the truncated stream line a kill mid-write leaves is skipped; Resume continues from the
@@ -345,6 +358,7 @@ SCENARIOS = {
     f.__name__: f
     for f in (
         bad_input_is_refused,
+        absent_device_fails_the_run,
         coreset_report_and_tables,
         scene_export_keeps_geometry,
         train_stop_resume_install,

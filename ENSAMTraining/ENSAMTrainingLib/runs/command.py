@@ -12,15 +12,17 @@ stdout and stderr to RUN_DIR/train.log: files, so that reading them never blocks
 fills up, and a resumed run appends to the same history.
 
 Checks made here before anything starts, each raising `SetupError` with a message for the user:
-`check_data_folder` (missing, unreadable, empty, nothing labelled), `check_device` (a device
-this torch does not have), `coreset_problem` (a coreset that leaves a dataset without a case).
+`check_data_folder` (missing, unreadable, empty, nothing labelled), `check_device` (a device name
+`ensam train` does not know), `coreset_problem` (a coreset that leaves a dataset without a case).
+None of them imports torch (Start in Slicer's GUI process would freeze it for seconds while torch
+loads): whether the machine has the device, the run itself says at once (core/runsetup.pick_device).
 """
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from ENSAMSegmentLib.core.interpreter import python_interpreter
 
 DEFAULT_VOXEL_BUDGET = 4_194_304  # = ENSAMTrainingLib.core.data.DEFAULT_VOXEL_BUDGET (that module imports torch)
 DEFAULT_EPOCHS = 15  # = TrainConfig.epochs
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # the names core/runsetup.pick_device takes
 CLI_MODULE = "ENSAMSegmentLib.cli.main"
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "train.log"
@@ -289,16 +292,16 @@ def check_data_folder(folder) -> DataSummary:
 
 
 def check_device(name: str) -> str:
-    """The torch device ``name`` resolves to ("auto" included); SetupError when it is not there.
+    """``name`` ("auto" when empty) when `ensam train` knows the device name; SetupError otherwise.
 
-    The same test `ensam train` makes (core/runsetup.pick_device), done here so the user hears at once.
+    Only the name: whether this machine has that device is decided by the training process
+    (core/runsetup.pick_device), which ends at once, failed, with the reason ("device 'cuda:1' asked
+    for, but ..."). Asking torch here would import it in Slicer's GUI process.
     """
-    from ENSAMTrainingLib.core.runsetup import TrainingError, pick_device
-
-    try:
-        return str(pick_device(name or "auto"))
-    except TrainingError as error:
-        raise SetupError(str(error)) from None
+    name = (name or "auto").strip()
+    if not DEVICE_NAME.fullmatch(name):
+        raise SetupError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return name
 
 
 __all__ = [
