@@ -82,6 +82,23 @@ def test_a_missing_default_model_says_what_to_do(image_file, tmp_path, monkeypat
     assert err.endswith(f"--checkpoint {tmp_path / 'mine.pt'}: no such file")
 
 
+def test_a_missing_registered_default_says_how_to_restore_it(image_file, model_file, tmp_path, monkeypatch, capsys):
+    """Once a trained default is registered (committed), `make setup` no longer writes one: the message
+    says to restore the file instead."""
+    from ENSAMSegmentLib.core.modelfile import load_model, save_model
+    from ENSAMSegmentLib.core.modelstore import register_model
+
+    trained = save_model(tmp_path / "run" / "model.pt", load_model(model_file, "cpu")[0], training_data="a test")
+    folder = tmp_path / "Models"
+    register_model(trained, "ensam-default", folder, default=True)
+    missing = folder / "ensam-default.pt"
+    missing.unlink()
+    monkeypatch.setattr("ENSAMSegmentLib.core.modelfile.default_model_path", lambda: missing)
+    err = _error(["segment", str(image_file), "--fg", "1,1,1", "-o", str(tmp_path / "o.nrrd")], capsys)
+    assert f"the default model file {missing} is missing" in err
+    assert f"git checkout -- {missing}" in err and "make setup" not in err and "--checkpoint FILE" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 @pytest.mark.parametrize("command", ["segment", "demo", "bench"])
 def test_cuda_without_cuda_says_how_to_get_a_cuda_torch(command, image_file, model_file, tmp_path, capsys):

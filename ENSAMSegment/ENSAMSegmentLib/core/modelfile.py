@@ -165,10 +165,17 @@ def missing_model_message(path) -> str:
     path = Path(path)
     if path.resolve() != default_model_path().resolve():
         return f"model file {path}: no such file"
-    return (f"the default model file {path} is missing. In a source tree `make setup` writes it (an untrained "
-            "placeholder until a trained model ships: README 'Model card'); in Slicer, choose a model in the "
-            "Model panel (one trained with ENSAM Training) or reinstall the extension; on the command line, "
-            "pass --checkpoint FILE")
+    try:
+        shipped = registry.registered_entry(path) is not None  # a trained default ships in tree and extension
+    except registry.RegistryError:
+        shipped = False
+    if shipped:
+        where = "In a source tree restore it with `git checkout -- " + str(path) + "`"
+    else:
+        where = "In a source tree `make setup` writes it (an untrained placeholder until a trained model ships)"
+    return (f"the default model file {path} is missing. {where}; in Slicer, choose a model in the Model panel "
+            "(one trained with ENSAM Training) or reinstall the extension; on the command line, pass "
+            "--checkpoint FILE (README 'Model card')")
 
 
 def _read(path, mmap: bool) -> dict:
