@@ -94,49 +94,6 @@ class _Pending:
     sent: float = field(default_factory=time.perf_counter)
 
 
-class _Handoff:
-    """An image on its way to the worker (see the module docstring): a helper thread writes its voxels to
-    message["file"]; the message goes once `done` is set without `error`. `abandon` (a newer image, close,
-    the worker gone): the file is removed as soon as it is written, or at once if it is already."""
-
-    def __init__(self, message: dict, array: np.ndarray):
-        self.message, self.path = message, message["file"]
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self._abandoned = self._final = False
-        self.thread = threading.Thread(target=self._write, args=(array,), name="ENSAM-image-handoff", daemon=True)
-        self.thread.start()
-
-    def _write(self, array: np.ndarray) -> None:
-        try:
-            wire.write_image(self.path, array)
-        except BaseException as error:  # no room after all, no memory for a contiguous copy, folder removed
-            self.error = error.with_traceback(None)
-        del array
-        with self._lock:
-            self.done.set()
-            abandoned, final = self._abandoned, self._final
-        if abandoned or self.error is not None:
-            self._remove(final)
-
-    def abandon(self, final: bool = False) -> None:
-        """final: the session is closing: the file's folder goes too (if empty)."""
-        with self._lock:
-            self._abandoned, self._final = True, self._final or final
-            written = self.done.is_set()
-        if written:
-            self._remove(final)
-
-    def _remove(self, final: bool) -> None:
-        wire.remove_file(self.path)
-        if final:
-            try:
-                os.rmdir(os.path.dirname(self.path))
-            except OSError:  # removed already, or a file of another image still in it
-                pass
-
-
 class WorkerSession:
     """InferenceSession's contract, the model in a child process (see the module docstring).
 
@@ -172,7 +129,7 @@ class WorkerSession:
 
         self._lock = threading.RLock()
         self._conn = None
-        self._outbox: list = []  # messages not sent yet: the worker is not connected, or they wait behind a _Handoff
+        self._outbox: list = []  # messages not sent yet: the worker is not connected, or they wait behind a wire.ImageHandoff
         self._pending: dict[int, _Pending] = {}
         self._next_request = 1
         self._objects: dict[int, _ObjectState] = {}
@@ -392,14 +349,14 @@ class WorkerSession:
             self._send(message)
         else:
             array, folder = image
-            self._outbox.append(_Handoff({**message, "file": str(Path(folder) / f"image-{request_id}.raw")}, array))
+            self._outbox.append(wire.ImageHandoff({**message, "file": str(Path(folder) / f"image-{request_id}.raw")}, array))
         return pending.future
 
-    # -- images on their way (_Handoff) ---------------------------------------------------------
+    # -- images on their way (wire.ImageHandoff) ---------------------------------------------------------
 
-    def _handoff(self) -> _Handoff | None:
+    def _handoff(self) -> wire.ImageHandoff | None:
         """The image being handed over (at most one: a newer image cancels it), if any."""
-        return next((item for item in self._outbox if isinstance(item, _Handoff)), None)
+        return next((item for item in self._outbox if isinstance(item, wire.ImageHandoff)), None)
 
     def _cancel_handoff(self) -> None:
         """A newer image: the one still on its way is cancelled with everything queued behind it, which all
@@ -426,7 +383,7 @@ class WorkerSession:
         dropped, self._outbox[index:] = self._outbox[index:], []
         for item in dropped:
             message = item
-            if isinstance(item, _Handoff):
+            if isinstance(item, wire.ImageHandoff):
                 item.abandon()
                 message = item.message
             pending = self._pending.pop(message.get("id"), None)
@@ -436,7 +393,7 @@ class WorkerSession:
     def _drop_images(self) -> None:
         """The session ends: no image goes any more, none stays behind."""
         for item in self._outbox:
-            if isinstance(item, _Handoff):
+            if isinstance(item, wire.ImageHandoff):
                 item.abandon(final=True)
         self._outbox.clear()
         wire.remove_folders(self.image_folders)
@@ -485,7 +442,7 @@ class WorkerSession:
         """Send what waits in the outbox, in order, up to an image whose file is not complete yet."""
         while self._outbox and self._conn is not None:
             item = self._outbox[0]
-            if isinstance(item, _Handoff):
+            if isinstance(item, wire.ImageHandoff):
                 if not item.done.is_set():
                     return
                 if item.error is not None:

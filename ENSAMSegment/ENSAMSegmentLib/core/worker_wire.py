@@ -35,6 +35,7 @@ import pickle
 import shutil
 import socket
 import tempfile
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -204,6 +205,49 @@ def read_image(path, shape, dtype, folders) -> np.ndarray:
         return array
     finally:
         remove_file(path)
+
+
+class ImageHandoff:
+    """An image on its way to the worker (worker.py submit_image; the module docstring): a helper thread writes its voxels to
+    message["file"]; the message goes once `done` is set without `error`. `abandon` (a newer image, close,
+    the worker gone): the file is removed as soon as it is written, or at once if it is already."""
+
+    def __init__(self, message: dict, array: np.ndarray):
+        self.message, self.path = message, message["file"]
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = self._final = False
+        self.thread = threading.Thread(target=self._write, args=(array,), name="ENSAM-image-handoff", daemon=True)
+        self.thread.start()
+
+    def _write(self, array: np.ndarray) -> None:
+        try:
+            write_image(self.path, array)
+        except BaseException as error:  # no room after all, no memory for a contiguous copy, folder removed
+            self.error = error.with_traceback(None)
+        del array
+        with self._lock:
+            self.done.set()
+            abandoned, final = self._abandoned, self._final
+        if abandoned or self.error is not None:
+            self._remove(final)
+
+    def abandon(self, final: bool = False) -> None:
+        """final: the session is closing: the file's folder goes too (if empty)."""
+        with self._lock:
+            self._abandoned, self._final = True, self._final or final
+            written = self.done.is_set()
+        if written:
+            self._remove(final)
+
+    def _remove(self, final: bool) -> None:
+        remove_file(self.path)
+        if final:
+            try:
+                os.rmdir(os.path.dirname(self.path))
+            except OSError:  # removed already, or a file of another image still in it
+                pass
 
 
 def encode_error(error: BaseException) -> tuple[str, str]:
