@@ -233,8 +233,10 @@ def test_a_newer_image_cancels_one_still_being_written_and_what_waits_behind_it(
 
 def test_a_file_that_cannot_be_written_fails_the_image_clearly_and_the_session_goes_on(echo_dir, monkeypatch):
     write = wire.write_image
+    queued = threading.Event()  # the write fails only once the box waits behind the image
 
     def full(path, array):
+        queued.wait(30)
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
@@ -245,6 +247,7 @@ def test_a_file_that_cannot_be_written_fails_the_image_clearly_and_the_session_g
         future = session.submit_image(np.ones((4, 5, 6), np.int16), identity=("image", 2))
         oid = session.create_object()
         box = session.submit_box((0, 0, 0), (1, 1, 1), oid)
+        queued.set()
         with pytest.raises(SessionError, match="could not be passed to the ENSAM worker process.*No space left"):
             session.wait(future, timeout=30)
         with pytest.raises(NoImageError, match="No space left"):
