@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -213,3 +214,63 @@ def test_export_a_stopped_run_as_a_model_file(four_cases, tmp_path, capsys):
     assert info.voxel_budget == TINY_BUDGET  # the session works at the scale it was trained at
     assert main(["train", "--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def _poison_samples(monkeypatch, which):
+    """Make the loss of the samples whose 0-based index (in the run) is in `which` NaN."""
+    from ENSAMTrainingLib.core.step import InteractiveStep
+
+    forward, seen = InteractiveStep.forward, [0]
+
+    def poisoned(self, sample):
+        loss, logits = forward(self, sample)
+        index, seen[0] = seen[0], seen[0] + 1
+        return (loss * float("nan"), logits) if index in which else (loss, logits)
+
+    monkeypatch.setattr(InteractiveStep, "forward", poisoned)
+
+
+def test_a_step_with_a_nan_loss_is_skipped_and_the_run_goes_on(four_cases, tmp_path, monkeypatch):
+    """One bad sample (here: its loss made NaN) must not make the weights NaN: its step updates nothing,
+    is reported, and later steps train on (without the guard, every later loss and checkpoint is NaN)."""
+    _poison_samples(monkeypatch, {2})  # the second step's first sample
+    out, progress = tmp_path / "run", tmp_path / "progress.jsonl"
+    result = train(tiny_config(four_cases, out, progress_json=str(progress)))
+    assert result.status == "finished" and result.step == 4
+    skipped = [e for e in read_events(progress) if e["event"] == "warning" and "skipped_step" in e]
+    assert [(e["skipped_step"], e["in_a_row"]) for e in skipped] == [(2, 1)] and "not finite" in skipped[0]["message"]
+    assert all(torch.isfinite(t).all() for t in parameters(out).values() if t.is_floating_point())
+    losses = [row["loss"] for row in read_csv(out / "metrics.csv")]
+    assert len(losses) == 4 and not math.isfinite(float(losses[1])) and all(math.isfinite(float(x)) for x in
+                                                                           losses[:1] + losses[2:])
+
+
+def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(four_cases, tmp_path, monkeypatch):
+    import ENSAMTrainingLib.core.trainer as trainer_module
+    from ENSAMTrainingLib.core.runsetup import TrainingError
+
+    out = tmp_path / "run"
+    assert train(tiny_config(four_cases, out, epochs=1)).status == "finished"  # a good checkpoint
+    good = parameters(out)
+    monkeypatch.setattr(trainer_module, "MAX_NONFINITE_IN_A_ROW", 2)
+    _poison_samples(monkeypatch, set(range(100)))
+    with pytest.raises(TrainingError, match="2 optimizer steps in a row .* not finite; stopped"):
+        resume(out, epochs=3)
+    after = parameters(out)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_weights_that_are_not_finite_are_never_checkpointed(four_cases, tmp_path):
+    from ENSAMTrainingLib.core.runsetup import TrainingError
+    from ENSAMTrainingLib.core.trainer import Trainer
+
+    out = tmp_path / "run"
+    assert train(tiny_config(four_cases, out, epochs=1)).status == "finished"
+    before = (out / "checkpoint.pt").read_bytes()
+    trainer = Trainer(tiny_config(four_cases, tmp_path / "other"))
+    trainer.checkpoint_path = out / "checkpoint.pt"
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="not finite: no checkpoint written"):
+        trainer._save_checkpoint("time")
+    assert (out / "checkpoint.pt").read_bytes() == before

@@ -29,6 +29,11 @@ computes the same steps as one that never stopped. On resume the data settings c
 the checkpoint; ``epochs``, ``device``, ``workers``, ``checkpoint_minutes``,
 ``progress_json``, ``stop_after`` and ``progress_bar`` may be given anew.
 
+Non-finite steps: a step whose loss or gradients are not finite (one bad sample, an overflow) updates
+nothing and is reported; ``MAX_NONFINITE_IN_A_ROW`` of them in a row end the run with TrainingError.
+No checkpoint of non-finite weights is ever written. (A run without this guard went NaN at step 533 of
+a long CPU run, then overwrote its good checkpoint with NaN weights at the next epoch's end.)
+
 Stopping: SIGINT or SIGTERM lets the current accumulation group finish (at most
 ``accumulation - 1`` more samples), writes a checkpoint and returns status "interrupted"
 (the CLI exits with code 3); a second SIGINT aborts at once. ``stop_after`` (optimizer steps
@@ -69,6 +74,10 @@ from .step import InteractiveStep
 EXIT_INTERRUPTED = 3
 PLOT_EVERY_S = 60.0
 WORKER_TERM_GRACE_S = 20
+# A step whose loss or gradients are not finite is skipped (no update; logged as a "skipped" event);
+# this many in a row stop the run with an error, its last checkpoint intact. A checkpoint of weights
+# that are not finite is never written (the one before it stays).
+MAX_NONFINITE_IN_A_ROW = 20
 RESUME_OVERRIDES = ("epochs", "device", "workers", "checkpoint_minutes", "progress_json", "stop_after", "progress_bar")
 
 
@@ -133,6 +142,7 @@ class Trainer:
         self.stop_requested = False
         self.reported: set[str] = set()
         self.samples_run, self.steps_run, self.train_time = 0, 0, 0.0
+        self.nonfinite_in_a_row, self.nonfinite_steps = 0, 0
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -325,16 +335,23 @@ class Trainer:
         return None
 
     def _optimizer_step(self, group: list[float]) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
+        finite = self._step_is_finite(group)
+        if finite:
+            for optimizer in self.optimizers:
+                optimizer.step()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        renormalize(self.model)
+        if finite:
+            renormalize(self.model)
+            self.nonfinite_in_a_row = 0
+        else:
+            self._skip_nonfinite(group)
         self.step += 1
         self.steps_run += 1
         loss = dist_utils.mean_over_ranks(sum(group) / len(group), self.info, self.device)
-        self.epoch_loss[0] += loss
-        self.epoch_loss[1] += 1
+        if finite:  # a skipped step's loss stays out of the epoch's mean (metrics.csv shows it)
+            self.epoch_loss[0] += loss
+            self.epoch_loss[1] += 1
         if not self.main:
             return
         rate = self.samples_run * self.info.world_size / max(self.train_time, 1e-9)
@@ -422,7 +439,30 @@ class Trainer:
         self.last_plot = time.monotonic()
         plot_run(self.out)
 
+    def _step_is_finite(self, group: list[float]) -> bool:
+        """The group's losses and the model's gradients are finite, on every rank."""
+        finite = all(math.isfinite(loss) for loss in group) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+        return dist_utils.mean_over_ranks(float(finite), self.info, self.device) == 1.0
+
+    def _skip_nonfinite(self, group: list[float]) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_steps += 1
+        if self.main:
+            message = (f"step {self.step + 1}: loss or gradients not finite; skipped, the weights are unchanged "
+                       f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in this session)")
+            print(f"ensam train: {message}", file=sys.stderr, flush=True)
+            self.progress.emit("warning", message=message, skipped_step=self.step + 1,
+                               in_a_row=self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingError(f"{self.nonfinite_in_a_row} optimizer steps in a row had a loss or gradients that "
+                                f"are not finite; stopped. The last checkpoint ({self.checkpoint_path}) is intact: "
+                                "resume from it, perhaps with a lower learning rate")
+
     def _save_checkpoint(self, reason: str) -> Path:
+        if not all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+            raise TrainingError(f"the model's weights are not finite: no checkpoint written; {self.checkpoint_path} "
+                                "keeps the last good state")
         if self.main:
             save_checkpoint(self.checkpoint_path, self._checkpoint_state())
             self.progress.emit("checkpoint", path=self.checkpoint_path, epoch=self.epoch, step=self.step, reason=reason)
