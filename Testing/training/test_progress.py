@@ -34,3 +34,12 @@ def test_stdout_stream_and_bad_lines(capsys):
         assert parse_event(bad) is None
     with pytest.raises(ValueError, match="unknown progress event"):
         ProgressStream(None).emit("nonsense")
+
+
+def test_loss_smoothing_leaves_out_a_skipped_steps_nan():
+    """A skipped (non-finite) step's loss must not blank the smoothed curve from there on."""
+    from ENSAMTrainingLib.core.plots import smooth
+
+    values = np.array([1.0, 3.0, np.nan, 5.0, 7.0])
+    np.testing.assert_allclose(smooth(values, 2), [1.0, 2.0, 3.0, 5.0, 6.0])
+    np.testing.assert_allclose(smooth(np.array([1.0, 2.0, 3.0]), 5), [1.0, 1.5, 2.0])

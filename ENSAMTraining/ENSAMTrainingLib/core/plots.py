@@ -20,12 +20,18 @@ def _pyplot():
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (same length; the first points average what exists)."""
+    """Trailing moving average (same length; the first points average what exists). Values that are not
+    finite (a skipped step's loss) are left out of the averages, so one does not blank the rest."""
     if window <= 1 or len(values) == 0:
         return values
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    counts = np.minimum(np.arange(1, len(values) + 1), window)
-    return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    sums = np.cumsum(np.insert(np.where(finite, values, 0.0), 0, 0.0))
+    seen = np.cumsum(np.insert(finite.astype(float), 0, 0.0))
+    start = np.arange(1, len(values) + 1) - np.minimum(np.arange(1, len(values) + 1), window)
+    counts = seen[1:] - seen[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (sums[1:] - sums[start]) / np.maximum(counts, 1), np.nan)
 
 
 def _save(fig, path: Path) -> Path:
