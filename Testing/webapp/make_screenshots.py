@@ -67,12 +67,20 @@ async def _browse(url: str, work: Path, out: Path) -> list[Path]:
                 ".sort((a, b) => b.width * b.height - a.width * a.height)[0])")
             view = json.loads(view)
             at = lambda f: (view["x"] + f[0] * view["width"], view["y"] + f[1] * view["height"])  # noqa: E731
+            tool = "window.trame.state.get('ensam_tool')"
             await page.press_key(ACTIONS["box"][1].lower())
+            # the server must be placing before the first corner (else that click is lost), as in the browser test
+            await page.wait_for(f"{tool} === 'box'", 10, "the Box tool (its key)")
             await page.click_at(*at(BOX[0]))
             await page.send("Input.dispatchMouseEvent", type="mouseMoved", x=at(CLICK)[0], y=at(CLICK)[1])
             await page.click_at(*at(BOX[1]))
-            await page.wait_for(f"{timing}.startsWith('Box:')", 300, "the box result")
+            try:
+                await page.wait_for(f"{timing}.startsWith('Box:')", 120, "the box result")
+            except Exception:
+                print("page status:", await page.evaluate(status), "|", await page.evaluate(timing))
+                raise
             await page.press_key(ACTIONS["foreground"][1].lower())
+            await page.wait_for(f"{tool} === 'foreground'", 10, "the + Click tool")
             await page.click_at(*at(CLICK))
             await page.wait_for(f"{timing}.startsWith('Click:')", 300, "the click result")
             await page.press_key(ACTIONS["foreground"][1].lower())  # the tool off: no place cursor in the picture
@@ -111,7 +119,11 @@ def main() -> int:
                     break
                 except OSError:
                     time.sleep(0.2)
-            shots = asyncio.run(_browse(url, work, args.out))
+            try:
+                shots = asyncio.run(_browse(url, work, args.out))
+            except Exception:
+                print("-- ensam web's log --\n" + (work / "server.log").read_text(errors="replace")[-4000:])
+                raise
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(30)
