@@ -199,6 +199,13 @@ def test_model_summary_trained_and_untrained(small_model, tmp_path):
     model, _ = load_model(small_model)
     trained = save_model(tmp_path / "trained.pt", model, training_data="CVPR25 coreset")
     assert model_summary(trained) == ("Model: trained.pt (trained on CVPR25 coreset)", "")
+    long = save_model(tmp_path / "long.pt", model, training_data="TotalSegmentator example CT and MR, MNI152 "
+                      "and ICBM 2009a atlases, 16 procedural phantoms; 30% synthetic images")
+    assert model_summary(long) == ("Model: long.pt (trained on TotalSegmentator example CT and MR, MNI152 and "
+                                   "ICBM 2009a ...)", "")
+    opened = save_model(tmp_path / "open.pt", model, training_data="TotalSegmentator example CT and MR (all but 7 "
+                        "held-out structures), atlases and phantoms")
+    assert model_summary(opened)[0] == "Model: open.pt (trained on TotalSegmentator example CT and MR ...)"
     with pytest.raises(ModelFileNotFoundError):
         model_summary(tmp_path / "missing.pt")
 

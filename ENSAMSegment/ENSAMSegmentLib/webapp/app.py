@@ -55,12 +55,21 @@ def image_name(path: Path) -> str:
     return path.stem
 
 
+SUMMARY_CHARS = 60  # of the training data shown in the page header
+
+
 def model_summary(model_path) -> tuple[str, str]:
     """(what the page says about the model, the untrained note or ''). Raises ModelFileError."""
     from ENSAMSegmentLib.core.modelfile import default_model_path, read_model_info
 
     info = read_model_info(model_path or default_model_path())
-    label = f"Model: {Path(info.path).name}" + (f" (trained on {info.training_data})" if not info.untrained else "")
+    data = info.training_data
+    if len(data) > SUMMARY_CHARS:  # the header has one line; `ensam info` prints all of it
+        data = data[:SUMMARY_CHARS].rsplit(" ", 1)[0]
+        if data.count("(") > data.count(")"):  # no parenthesis left open
+            data = data[: data.rindex("(")]
+        data = data.rstrip(",;( ") + " ..."
+    label = f"Model: {Path(info.path).name}" + (f" (trained on {data})" if not info.untrained else "")
     return label, (UNTRAINED_NOTE if info.untrained else "")
 
 
