@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ENSAMSegmentLib.cli.common import UNTRAINED_NOTE, check_model, missing_default_model
+from ENSAMSegmentLib.cli.common import UNTRAINED_NOTE, check_model
 from ENSAMSegmentLib.cli.main import UserError
 
 
@@ -29,14 +29,16 @@ def register(subparsers) -> None:
 def describe(checkpoint: Path | None) -> dict:
     """The model file's report; without `checkpoint`, the default model file's, or, when that file
     is missing, the default architecture's with `missing` saying what to do."""
-    from ENSAMSegmentLib.core.modelfile import ModelFileError, default_model_path, read_model_info
+    from ENSAMSegmentLib.core.modelfile import (
+        ModelFileError, default_model_path, missing_model_message, read_model_info,
+    )
     from ENSAMSegmentLib.core.network import ENSAMConfig
     from ENSAMSegmentLib.core.network.complexity import summary
 
     path, missing = checkpoint or default_model_path(), None
     info = None
     if checkpoint is None and not path.is_file():
-        missing = missing_default_model(path)
+        missing = missing_model_message(path)
     else:
         check_model(checkpoint)
         try:

@@ -82,20 +82,13 @@ def check_device(device: str) -> None:
                         "silicon and a torch built with MPS). Use --device cpu.")
 
 
-def missing_default_model(path: Path) -> str:
-    """What to do when the default model file is missing (modelfile.missing_model_message)."""
-    from ENSAMSegmentLib.core.modelfile import missing_model_message
-
-    return missing_model_message(path)
-
-
 def check_model(checkpoint: Path | None) -> None:
     """The model file exists (the default one when `checkpoint` is None); its content is checked on loading."""
-    from ENSAMSegmentLib.core.modelfile import default_model_path
+    from ENSAMSegmentLib.core.modelfile import default_model_path, missing_model_message
 
     if checkpoint is None:
         if not default_model_path().is_file():
-            raise UserError(missing_default_model(default_model_path()))
+            raise UserError(missing_model_message(default_model_path()))
     elif not checkpoint.is_file():
         raise UserError(f"--checkpoint {checkpoint}: " + ("a folder, not a model file" if checkpoint.is_dir()
                                                            else "no such file"))
