@@ -129,7 +129,8 @@ class WorkerSession:
 
         self._lock = threading.RLock()
         self._conn = None
-        self._outbox: list = []  # messages not sent yet: the worker is not connected, or they wait behind a wire.ImageHandoff
+        # messages not sent yet: the worker is not connected, or they wait behind a wire.ImageHandoff
+        self._outbox: list = []
         self._pending: dict[int, _Pending] = {}
         self._next_request = 1
         self._objects: dict[int, _ObjectState] = {}
@@ -349,7 +350,8 @@ class WorkerSession:
             self._send(message)
         else:
             array, folder = image
-            self._outbox.append(wire.ImageHandoff({**message, "file": str(Path(folder) / f"image-{request_id}.raw")}, array))
+            path = str(Path(folder) / f"image-{request_id}.raw")
+            self._outbox.append(wire.ImageHandoff({**message, "file": path}, array))
         return pending.future
 
     # -- images on their way (wire.ImageHandoff) ---------------------------------------------------------

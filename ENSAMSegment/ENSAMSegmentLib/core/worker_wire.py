@@ -208,9 +208,9 @@ def read_image(path, shape, dtype, folders) -> np.ndarray:
 
 
 class ImageHandoff:
-    """An image on its way to the worker (worker.py submit_image; the module docstring): a helper thread writes its voxels to
-    message["file"]; the message goes once `done` is set without `error`. `abandon` (a newer image, close,
-    the worker gone): the file is removed as soon as it is written, or at once if it is already."""
+    """An image on its way to the worker (worker.py submit_image; the module docstring): a helper thread
+    writes its voxels to message["file"]; the message goes once `done` is set without `error`. `abandon` (a
+    newer image, close, the worker gone): the file is removed as soon as it is written, or at once if it is."""
 
     def __init__(self, message: dict, array: np.ndarray):
         self.message, self.path = message, message["file"]

@@ -15,7 +15,8 @@ the source lines: Testing/slicer_keys.txt, checked by Testing/test_slicer_fronte
 * main window: Ctrl+letters and digits.
 
 Free, within reach of the left hand, and mnemonic where possible: D draw box, A add (+) click, E exclude
-(-) click, X undo (strike out the last prompt), C clear (reset) object, N next object. The web app uses the same keys.
+(-) click, X undo (strike out the last prompt), C clear (reset) object, N next object. The web app uses
+the same keys.
 """
 
 from __future__ import annotations
