@@ -175,3 +175,55 @@ def test_session_context_margin_is_the_mean_training_margin(extent):
     low, high = margin_range(lo, hi_exclusive)
     assert training_margin(lo, hi_exclusive - 1) == round((low + high) / 2)
     assert 4 <= training_margin(lo, hi_exclusive - 1) <= 32
+
+
+def _two_objects_case(tmp_path):
+    """A case with two separate boxes of labels 1 and 2 (and a third object far away)."""
+    labels = np.zeros((32, 48, 48), np.uint8)
+    labels[10:20, 8:18, 8:18] = 1
+    labels[10:20, 22:30, 8:18] = 2
+    labels[24:30, 40:46, 40:46] = 3
+    image = (labels * 60 + 20).astype(np.uint8)
+    np.savez(tmp_path / "two.npz", imgs=image, gts=labels, spacing=np.array([1.0, 1.0, 1.0]))
+    return load_case(find_cases(tmp_path)[0])
+
+
+def test_other_object_sample_is_not_the_one_the_crop_is_drawn_around(tmp_path):
+    """With other_object_probability 1 the target is another object that reached into the first crop, the
+    crop grown to hold it whole, and the box is its box (only the box says which object is meant)."""
+    from ENSAMTrainingLib.core.data import bounding_box, other_object
+
+    case = _two_objects_case(tmp_path)
+    crop_of_1 = (slice(5, 25), slice(3, 24), slice(3, 23))  # object 1 with a margin; object 2 reaches in
+    chosen, grown = other_object(case.labels, crop_of_1, 1, np.random.default_rng(0))
+    assert chosen == 2
+    assert np.count_nonzero(case.labels[grown] == 2) == np.count_nonzero(case.labels == 2)  # whole
+    assert np.count_nonzero(case.labels[grown] == 1) == np.count_nonzero(case.labels == 1)  # the decoy too
+    assert other_object(case.labels, (slice(22, 32), slice(36, 48), slice(36, 48)), 3, np.random.default_rng(0)) is None
+
+    switched = 0
+    for seed in range(40):
+        first = make_sample(case, np.random.default_rng(seed), voxel_budget=10**9, augment=False, no_box_probability=0.0)
+        sample = make_sample(case, np.random.default_rng(seed), voxel_budget=10**9, augment=False,
+                             no_box_probability=0.0, other_object_probability=1.0)
+        target = sample.target[0, 0].numpy() > 0.5
+        assert target.sum() == (case.labels == sample.label).sum()  # the target is whole in its crop
+        (z0, y0, x0), (z1, y1, x1) = sample.box
+        assert all(bounding_box(target)[0] >= (z0, y0, x0))  # the box is the target's
+        assert target[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1].sum() == target.sum()
+        if sample.label != first.label:  # switched: the first object stays in the crop as a decoy
+            switched += 1
+            assert {first.label, sample.label} == {1, 2}
+            assert np.count_nonzero(case.labels[sample.crop] == first.label) > 0
+    assert 8 <= switched <= 32  # objects 1 and 2 reach into each other's crops often, object 3 never
+    plain = make_sample(case, np.random.default_rng(1), voxel_budget=10**9, augment=False)
+    again = make_sample(case, np.random.default_rng(1), voxel_budget=10**9, augment=False, other_object_probability=0.0)
+    assert plain.label == again.label and plain.box == again.box  # off by default in make_sample
+
+
+def test_runs_from_before_the_option_resume_without_other_objects():
+    from ENSAMTrainingLib.core.runsetup import TrainConfig
+
+    assert TrainConfig(data="d", out="o").other_object_probability == 0.25
+    assert TrainConfig.from_dict({"data": "d", "out": "o"}).other_object_probability == 0.0
+    assert TrainConfig.from_dict({"data": "d", "out": "o", "other_object_probability": 0.5}).other_object_probability == 0.5

@@ -8,7 +8,10 @@ factors when the padded crop exceeds the voxel budget (the axis with the largest
 reduced first; the image by max, as the inference session does, the mask by majority, which
 keeps the object's volume); intensities to [0, 1]; with probability 0.5 one of MONAI's
 RandBiasField / RandGaussianSmooth / RandHistogramShift; zero padding to multiples of 8;
-the initial box (``training_box``): half the time the challenge's (z range x the extent of
+with probability ``other_object_probability`` the target becomes another structure that reaches into
+that crop, the crop grown to hold it (``other_object``: the crop is no longer centred on the target,
+so only the box says which object is meant; without such samples a model learns "the object in the
+middle of the crop" and ignores the box); the initial box (``training_box``): half the time the challenge's (z range x the extent of
 the middle slice), else the tight 3D box, each widened by 0-5 voxels; with probability
 ``no_box_probability`` no box (the interaction then starts with a click, as for challenge
 cases without boxes).
@@ -38,6 +41,8 @@ SMALLEST_MARGIN_CAP = 8  # margin_range: a small object's crop margin may still 
 AUGMENT_PROBABILITY = 0.5
 NO_BOX_PROBABILITY = 0.1
 CHALLENGE_BOX_PROBABILITY = 0.5  # share of boxes drawn the challenge's way (training_box)
+OTHER_OBJECT_PROBABILITY = 0.25  # share of samples whose target is another object in the crop (other_object)
+SMALLEST_SHARE_OF_CROP = 0.005  # other_object: the other structure fills at least this share of the first crop
 MULTIPLE = 8
 
 
@@ -170,6 +175,20 @@ def crop_arrays(case: Case, crop, label: int, mask: np.ndarray, rng: np.random.G
     return synthesize_crop(case.labels[crop], label, rng)
 
 
+def other_object(labels: np.ndarray, crop, label: int, rng: np.random.Generator):
+    """(another structure than `label` that reaches into `crop` with at least SMALLEST_SHARE_OF_CROP of its
+    voxels, chosen at random; the crop grown to hold it whole with its own margins), or None when no other
+    structure reaches in. The first structure stays in the crop as a decoy near its centre."""
+    values, inside = np.unique(labels[crop], return_counts=True)
+    crop_voxels = int(np.prod([s.stop - s.start for s in crop]))
+    keep = (values > 0) & (values != label) & (inside >= SMALLEST_SHARE_OF_CROP * crop_voxels)
+    if not keep.any():
+        return None
+    other = int(rng.choice(values[keep]))
+    own = random_crop(*bounding_box(labels == other), labels.shape, rng)
+    return other, tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(crop, own))
+
+
 def make_sample(
     case: Case,
     rng: np.random.Generator,
@@ -178,13 +197,17 @@ def make_sample(
     no_box_probability: float = NO_BOX_PROBABILITY,
     box_offset: bool = True,
     challenge_box_probability: float = CHALLENGE_BOX_PROBABILITY,
+    other_object_probability: float = 0.0,
 ) -> Sample:
-    """One training sample from ``case``: a random labelled instance, cropped, pooled, padded."""
+    """One training sample from ``case``: a random labelled instance, cropped, pooled, padded; with
+    ``other_object_probability`` the target is then another object reaching into that crop."""
     values = np.unique(case.labels)
     values = values[values > 0]
     label = int(rng.choice(values))
+    crop = random_crop(*bounding_box(case.labels == label), case.labels.shape, rng)
+    if other_object_probability > 0 and rng.random() < other_object_probability:
+        label, crop = other_object(case.labels, crop, label, rng) or (label, crop)
     mask = case.labels == label
-    crop = random_crop(*bounding_box(mask), case.labels.shape, rng)
     image, mask = crop_arrays(case, crop, label, mask, rng)
     factors = pool_factors(mask.shape, voxel_budget)
     image = to_unit_range(image)
@@ -247,12 +270,14 @@ class TrainingDataset(torch.utils.data.Dataset):
         augment: bool = True,
         no_box_probability: float = NO_BOX_PROBABILITY,
         challenge_box_probability: float = CHALLENGE_BOX_PROBABILITY,
+        other_object_probability: float = 0.0,
     ):
         if not cases:
             raise NoCasesError("the training set is empty")
         self.cases, self.seed, self.voxel_budget = list(cases), seed, voxel_budget
         self.augment, self.no_box_probability = augment, no_box_probability
         self.challenge_box_probability = challenge_box_probability
+        self.other_object_probability = other_object_probability
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -269,7 +294,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                 skipped.append((ref.name, str(error)))
                 continue
             sample = make_sample(case, rng, self.voxel_budget, self.augment, self.no_box_probability,
-                                 challenge_box_probability=self.challenge_box_probability)
+                                 challenge_box_probability=self.challenge_box_probability,
+                                 other_object_probability=self.other_object_probability)
             sample.skipped = skipped
             return sample
         reasons = "; ".join(reason for _, reason in skipped[:3])

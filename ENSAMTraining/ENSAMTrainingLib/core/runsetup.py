@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cases import CaseRef, DataError, find_cases, find_label_maps, mix_cases, read_case_list
-from .data import CHALLENGE_BOX_PROBABILITY, DEFAULT_VOXEL_BUDGET, NO_BOX_PROBABILITY
+from .data import CHALLENGE_BOX_PROBABILITY, DEFAULT_VOXEL_BUDGET, NO_BOX_PROBABILITY, OTHER_OBJECT_PROBABILITY
 from .optim import SCALE_LR_FACTOR
 from .step import CLICKS
 
@@ -56,6 +56,7 @@ class TrainConfig:
     augment: bool = True
     no_box_probability: float = NO_BOX_PROBABILITY
     challenge_box_probability: float = CHALLENGE_BOX_PROBABILITY
+    other_object_probability: float = OTHER_OBJECT_PROBABILITY  # target another object in the crop (data.py)
     grad_clicks: int | None = None  # click steps with gradients per sample (None: all; step.InteractiveStep)
     scale_lr_factor: float = SCALE_LR_FACTOR  # nGPT scales' lr = adamw_lr x this (optim.make_optimizers)
     synthetic: str | None = None  # folder of label maps: images synthesised from them (synth.py)
@@ -73,6 +74,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {"other_object_probability": 0.0, **values}  # a run from before the option had none
         return cls(**{k: v for k, v in values.items() if k in names})
 
 

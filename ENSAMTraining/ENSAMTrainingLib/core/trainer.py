@@ -166,7 +166,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.step_module, device_ids=ids, find_unused_parameters=True)
         self.dataset = TrainingDataset(
             self.train_cases, config.seed, config.voxel_budget, config.augment, config.no_box_probability,
-            config.challenge_box_probability
+            config.challenge_box_probability, config.other_object_probability
         )
 
     def _restore(self, state: dict) -> None:
