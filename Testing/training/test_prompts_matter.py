@@ -122,6 +122,35 @@ def test_shifted_box_moves_off_the_object_or_gives_up():
     assert shifted_box(((0, 0, 0), (7, 7, 7)), (8, 8, 8)) is None
 
 
+def test_wrong_box_is_another_objects_box_or_none(tmp_path):
+    """The wrong-box control uses another object's box only; a crop without one gives None (the box moved
+    off the object is the separate empty-box control)."""
+    from ENSAMTrainingLib.core.cases import load_case
+    from ENSAMTrainingLib.core.data import make_sample
+    from ENSAMTrainingLib.core.validation import wrong_box
+
+    labels = np.zeros((24, 40, 40), np.uint8)
+    labels[8:16, 6:16, 6:16] = 1
+    labels[8:16, 20:30, 6:16] = 2
+    (tmp_path / "two").mkdir(), (tmp_path / "one").mkdir()
+    np.savez(tmp_path / "two" / "two.npz", imgs=(labels * 80 + 20).astype(np.uint8), gts=labels, spacing=np.ones(3))
+    np.savez(tmp_path / "one" / "one.npz", imgs=((labels == 1) * 80 + 20).astype(np.uint8), gts=(labels == 1).astype(np.uint8),
+             spacing=np.ones(3))
+    two, one = (load_case(find_cases(tmp_path / name)[0]) for name in ("two", "one"))
+    found = 0
+    for seed in range(10):
+        sample = make_sample(two, np.random.default_rng(seed), voxel_budget=10**9, augment=False, no_box_probability=0.0)
+        box = wrong_box(two, sample)
+        if box is not None:
+            found += 1
+            (z0, y0, x0), (z1, y1, x1) = box
+            held = two.labels[sample.crop][z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1]
+            assert np.count_nonzero(held == 3 - sample.label) == np.count_nonzero(held)  # the other object only
+        sample = make_sample(one, np.random.default_rng(seed), voxel_budget=10**9, augment=False, no_box_probability=0.0)
+        assert wrong_box(one, sample) is None
+    assert found >= 3
+
+
 def test_validation_reports_the_prompt_controls(npz_dataset):
     torch.manual_seed(0)
     model = ENSAM(ENSAMConfig(**TINY_MODEL))
@@ -131,6 +160,7 @@ def test_validation_reports_the_prompt_controls(npz_dataset):
     assert val["cases"] == len(cases) and val["skipped"] == 1
     assert 0 < val["filled_box_dsc"] < 1
     assert val["wrong_box_dsc"] is not None and 0 <= val["wrong_box_dsc"] <= 1
+    assert val["empty_box_dsc"] is not None and 0 <= val["empty_box_dsc"] <= 1
     assert 0 <= val["click_change_fraction"] <= 1
     assert val["dsc_gain_per_click"] == pytest.approx((val["dsc"][-1] - val["dsc"][0]) / 5)
 

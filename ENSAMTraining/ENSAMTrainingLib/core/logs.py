@@ -2,7 +2,7 @@
 
 RUN_DIR/metrics.csv     one row per optimizer step: epoch, step, samples, loss, lr, samples_per_s, time_s
 RUN_DIR/validation.csv  one row per epoch: epoch, step, dsc_auc, nsd_auc, final_dsc, final_nsd,
-                        dsc_1..dsc_6, nsd_1..nsd_6, cases
+                        dsc_1..dsc_6, nsd_1..nsd_6, the controls of validation.py, cases
 RUN_DIR/tensorboard/    the same scalars, when the tensorboard package is installed
 
 On resume the CSV rows beyond the checkpoint's step are dropped, so the logs describe one
@@ -17,7 +17,7 @@ from pathlib import Path
 TRAIN_FIELDS = ("epoch", "step", "samples", "loss", "lr", "samples_per_s", "time_s")
 STEP_METRICS = 6
 # validation.py's controls: does the model use its prompts?
-CONTROL_FIELDS = ("filled_box_dsc", "wrong_box_dsc", "click_change_fraction", "dsc_gain_per_click")
+CONTROL_FIELDS = ("filled_box_dsc", "wrong_box_dsc", "empty_box_dsc", "click_change_fraction", "dsc_gain_per_click")
 VAL_FIELDS = (
     ("epoch", "step", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
     + tuple(f"dsc_{i + 1}" for i in range(STEP_METRICS))

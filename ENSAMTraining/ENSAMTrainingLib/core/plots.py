@@ -67,6 +67,8 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path | None
         right.plot(at, [r.get("dsc_1") for r in val], "^-", color="C3", label="val box-step DSC")
         if any(r.get("wrong_box_dsc") is not None for r in val):  # controls: prompts used?
             right.plot(at, [r.get("wrong_box_dsc") for r in val], "v:", color="C4", label="wrong-box DSC")
+        if any(r.get("empty_box_dsc") is not None for r in val):
+            right.plot(at, [r.get("empty_box_dsc") for r in val], "x:", color="C5", label="empty-box DSC")
         if any(r.get("filled_box_dsc") is not None for r in val):
             right.plot(at, [r.get("filled_box_dsc") for r in val], "--", color="0.5", label="filled box DSC")
         right.set_ylim(0, 1)

@@ -12,9 +12,13 @@ Controls (a model that segments "the object in the middle of the crop" and ignor
 scores well on the protocol alone, since crops are centred on the object):
 
 - ``filled_box_dsc``: the DSC of the box itself, filled. The box step must beat it.
-- ``wrong_box_dsc``: the box step given another object's box in the same crop (or, when the crop
-  holds no usable other object, the true box moved off the object), scored against the true
-  object: it must collapse when the box is used.
+- ``wrong_box_dsc``: the box step given another object's box in the same crop, scored against the
+  true object: it must collapse when the box is used (cases whose crop holds no other object
+  with at most 10 % of the true one inside its box are left out).
+- ``empty_box_dsc``: the same with the true box moved off the object, onto what lies beside it
+  (no object of its own, as a rule): what the model does with a box around nothing. Training never
+  shows such a box, so a model that segments the object next to it is not wrong by training's
+  rules; it is reported apart so that it does not hide what ``wrong_box_dsc`` measures.
 - ``click_change_fraction``: the share of click steps that changed the mask at all.
 - ``dsc_gain_per_click``: (DSC after the last click - DSC of the box step) / clicks.
 """
@@ -80,8 +84,7 @@ def filled_box(shape, box) -> np.ndarray:
 
 def wrong_box(case, sample):
     """Another object's tight box in the sample's crop (the largest one holding at most 10 % of the true
-    object), else the true box moved off the object along the axis with the most room; None when
-    neither fits."""
+    object); None when there is none."""
     gt = sample.target[0, 0].numpy()[tuple(slice(0, s) for s in sample.shape)] > 0.5
     labels = case.labels[sample.crop]
     best, best_size = None, 0
@@ -95,7 +98,7 @@ def wrong_box(case, sample):
         box = tuple(int(v) for v in lo), tuple(int(v) - 1 for v in hi)
         if (filled_box(gt.shape, box) & gt).sum() <= WRONG_BOX_MAX_OVERLAP * gt.sum():
             best, best_size = box, int(mask.sum())
-    return best if best is not None else shifted_box(sample.box, gt.shape)
+    return best
 
 
 def shifted_box(box, shape):
@@ -122,8 +125,8 @@ def validate(
     amp: bool = True,
 ) -> dict | None:
     """Mean challenge metrics over ``cases``: dsc_auc, nsd_auc, final_dsc, final_nsd, dsc, nsd, cases,
-    skipped, and the controls (module docstring): filled_box_dsc, wrong_box_dsc (None when no case
-    has a wrong box), click_change_fraction, dsc_gain_per_click.
+    skipped, and the controls (module docstring): filled_box_dsc, wrong_box_dsc and empty_box_dsc (None
+    when no case has such a box), click_change_fraction, dsc_gain_per_click.
 
     AUCs follow the challenge (steps 2..6, so at most 4.0) and are None unless clicks == 5.
     Returns None when no case could be used.
@@ -146,8 +149,9 @@ def validate(
             result = case_steps(model, sample, clicks, amp)
             gt = sample.target[0, 0].numpy()[tuple(slice(0, s) for s in sample.shape)] > 0.5
             result["filled_box"] = float(dice(gt, filled_box(gt.shape, sample.box)))
-            other = wrong_box(case, sample)
+            other, empty = wrong_box(case, sample), shifted_box(sample.box, gt.shape)
             result["wrong_box"] = None if other is None else box_dsc(model, sample, other, amp)
+            result["empty_box"] = None if empty is None else box_dsc(model, sample, empty, amp)
             per_case.append(result)
     finally:
         model.train(was_training)
@@ -164,6 +168,7 @@ def summarize(per_case: list[dict], clicks: int, skipped: int = 0) -> dict:
     nsd = np.mean([r["nsd"] for r in per_case], axis=0)
     changed = [c for r in per_case for c in r["changed"]]
     wrong = [r["wrong_box"] for r in per_case if r["wrong_box"] is not None]
+    empty = [r["empty_box"] for r in per_case if r.get("empty_box") is not None]
     with_auc = clicks == 5
     return dict(
         dsc_auc=auc_over_steps(dsc) if with_auc else None,
@@ -174,6 +179,7 @@ def summarize(per_case: list[dict], clicks: int, skipped: int = 0) -> dict:
         nsd=[float(v) for v in nsd],
         filled_box_dsc=float(np.mean([r["filled_box"] for r in per_case])),
         wrong_box_dsc=float(np.mean(wrong)) if wrong else None,
+        empty_box_dsc=float(np.mean(empty)) if empty else None,
         click_change_fraction=float(np.mean(changed)) if changed else None,
         dsc_gain_per_click=float((dsc[-1] - dsc[0]) / clicks) if clicks else None,
         cases=len(per_case),
