@@ -55,6 +55,16 @@ def test_register_list_import_verify(folders, trained, tmp_path, capsys):
     assert "decisions differing" in out and "git add ENSAMSegment/Resources/Models/ensam-default.pt" in out
     assert read_model_info(shipped / "ensam-default.pt").metrics["final_dsc"] == 0.83
 
+    inline = {"dev_set": "24 cases, 57 structures " * 12, "DSC_AUC": 2.2}  # longer than a file name may be
+    code, out, _ = _run(capsys, "models", "register", str(trained), "--name", "ensam-default", "--replace",
+                        "--metrics", json.dumps(inline), "--notes", "first")
+    assert code == 0 and read_model_info(shipped / "ensam-default.pt").metrics == inline
+    metrics.write_text(json.dumps({"final_dsc": 0.83, "auc_dsc": 4.1, "per_modality": {"ct": 0.8}}))
+    code, out, _ = _run(capsys, "models", "register", str(trained), "--name", "ensam-default", "--replace",
+                        "--training-data", "TotalSegmentator examples (test)", "--metrics", str(metrics),
+                        "--notes", "first")
+    assert code == 0 and read_model_info(shipped / "ensam-default.pt").metrics["final_dsc"] == 0.83
+
     code, out, _ = _run(capsys, "models", "import", str(trained))
     assert code == 0 and f"imported {trained} as 'run7': {user / 'run7.pt'}" in out
 

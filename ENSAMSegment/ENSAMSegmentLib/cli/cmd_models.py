@@ -148,9 +148,8 @@ def run_import(args) -> int:
 def _read_metrics(text: str | None) -> dict | None:
     if text is None:
         return None
-    path = Path(text)
-    try:
-        value = json.loads(path.read_text() if path.is_file() else text)
+    try:  # text that opens with "{" is the object itself (a long one is no file name: is_file would raise)
+        value = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"--metrics: neither a JSON object nor a readable JSON file ({error})") from None
     if not isinstance(value, dict):
