@@ -96,8 +96,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--challenge-box-probability", type=float,
                    help="share of boxes drawn the challenge's way: z range x the middle slice's extent (0.5)")
     p.add_argument("--other-object-probability", type=float,
-                   help="share of samples whose target is another object near the one the crop is drawn around, so that the box, "
-                        "not the crop's centre, says which object is meant (0.25)")
+                   help="share of samples whose target is another object near the one the crop is drawn around, "
+                        "so that the box, not the crop's centre, says which object is meant (0.25)")
     p.add_argument("--scale-lr-factor", type=float, help="learning rate of the nGPT scales = AdamW's x this (10)")
     p.add_argument("--workers", type=int, help="data loader processes (default: min(8, CPUs - 1))")
     p.add_argument("--seed", type=int, help="seed of data order, crops, augmentation, clicks, initial weights (0)")

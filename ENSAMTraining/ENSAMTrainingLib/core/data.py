@@ -11,10 +11,10 @@ RandBiasField / RandGaussianSmooth / RandHistogramShift; zero padding to multipl
 with probability ``other_object_probability`` the target becomes another structure that reaches into
 that crop, the crop grown to hold it (``other_object``: the crop is no longer centred on the target,
 so only the box says which object is meant; without such samples a model learns "the object in the
-middle of the crop" and ignores the box); the initial box (``training_box``): half the time the challenge's (z range x the extent of
-the middle slice), else the tight 3D box, each widened by 0-5 voxels; with probability
-``no_box_probability`` no box (the interaction then starts with a click, as for challenge
-cases without boxes).
+middle of the crop" and ignores the box); the initial box (``training_box``): half the time the
+challenge's (z range x the extent of the middle slice), else the tight 3D box, each widened by 0-5
+voxels; with probability ``no_box_probability`` no box (the interaction then starts with a click, as
+for challenge cases without boxes).
 
 Determinism: the sample of (epoch, index) depends only on (seed, epoch, index), never on the
 worker process or on what ran before, so resuming mid-epoch reproduces the data exactly.
@@ -204,10 +204,13 @@ def make_sample(
     values = np.unique(case.labels)
     values = values[values > 0]
     label = int(rng.choice(values))
-    crop = random_crop(*bounding_box(case.labels == label), case.labels.shape, rng)
-    if other_object_probability > 0 and rng.random() < other_object_probability:
-        label, crop = other_object(case.labels, crop, label, rng) or (label, crop)
     mask = case.labels == label
+    crop = random_crop(*bounding_box(mask), case.labels.shape, rng)
+    if other_object_probability > 0 and rng.random() < other_object_probability:
+        switched = other_object(case.labels, crop, label, rng)
+        if switched is not None:
+            label, crop = switched
+            mask = case.labels == label
     image, mask = crop_arrays(case, crop, label, mask, rng)
     factors = pool_factors(mask.shape, voxel_budget)
     image = to_unit_range(image)
