@@ -14,7 +14,7 @@ from ENSAMSegmentLib.core.phantom import make_phantom
 from ENSAMSegmentLib.core.session import InferenceSession
 from ENSAMSegmentLib.core.session_region import (
     Grid, MaskCrop, Placed, box_grid, changed_region, decode_region, grid_input, pool_factors, resample,
-    whole_grid,
+    context_margin, crop_size, training_margin, whole_grid,
 )
 from ENSAMTrainingLib.core.data import pool_factors as training_pool_factors
 
@@ -189,18 +189,71 @@ def test_too_large_for_native_crop_is_pooled(model, phantom):
         assert session.encoder_runs == 2 and update.logits_region == tuple(slice(0, n) for n in SHAPE)
 
 
+def test_whole_mode_box_is_decoded_on_its_crop_with_the_widest_training_margin(model, phantom):
+    """An image within the budget is encoded whole at set_image; a box is still decoded on a crop around
+    it (box + training_margin per side, as training shows objects), unless that crop is the whole image."""
+    image, _ = phantom
+    lo, hi = (12, 18, 18), (19, 27, 27)  # 8x10x10: geometric-mean extent 9 -> margin 9
+    assert training_margin(lo, hi) == 9
+    with InferenceSession(model=model, device="cpu") as session:
+        assert session.set_image(image).mode == "whole" and session.encoder_runs == 1
+        session.create_object()
+        update = session.add_click((16, 24, 24))  # no box: the whole image's embedding
+        assert session.encoder_runs == 1 and update.logits_region == tuple(slice(0, n) for n in SHAPE)
+        box = session.add_box(lo, hi)  # crop (3..29, 9..37, 9..37): encoded
+        assert session.encoder_runs == 2
+        assert all(r.start >= a and r.stop <= b for r, a, b in zip(box.logits_region, (3, 9, 9), (29, 37, 37)))
+        inside = session.add_click((15, 22, 22))  # inside the crop: its cached embedding
+        assert session.encoder_runs == 2 and inside.decoding == "window"
+        other = session.create_object()
+        session.add_box((2, 2, 2), (8, 10, 10), object_id=other)  # another object, another crop
+        assert session.encoder_runs == 3
+        grown = session.add_click((30, 45, 45), object_id=other)
+        # outside its crop: box and click + their margin (38) reach every border, so the crop is the image
+        # itself, whose embedding is cached since set_image: no encoder pass
+        assert session.encoder_runs == 3
+        assert all(e.start <= p < e.stop for e, p in zip(grown.logits_region, (30, 45, 45)))
+
+
+def test_training_margin_is_the_widest_margin_training_draws():
+    """session_region.training_margin = the top of data.margin_range for an object of that extent."""
+    from ENSAMTrainingLib.core.data import margin_range
+
+    for extent in [(3, 4, 5), (10, 12, 9), (30, 40, 20), (90, 120, 100)]:
+        lo, hi_exclusive = np.array([5, 6, 7]), np.array([5, 6, 7]) + np.array(extent)
+        assert training_margin(lo, hi_exclusive - 1) == margin_range(lo, hi_exclusive)[1]
+    assert training_margin((0, 0, 0), (2, 2, 2)) == 8 and training_margin((0, 0, 0), (199, 199, 199)) == 64
+
+
+def test_context_margin_widest_unless_it_costs_resolution():
+    """The crop's default margin: the widest training margin while its crop is pooled no more than with half
+    of it (the mean margin); narrowed to the widest such margin when it would be."""
+    budget = 48 * 64 * 64
+    small = ((40, 100, 100), (49, 109, 109))  # 10 voxels a side in a large image: margin 10, native crop
+    assert context_margin((200, 300, 300), *small, budget) == 10
+    assert box_grid((200, 300, 300), *small, None, budget) == Grid((30, 90, 90), (30, 30, 30), (1, 1, 1))
+    liver = ((12, 25, 31), (77, 124, 85))  # the demo's liver box in its 96x160x160 image: widest 70 -> 64
+    margin = context_margin((96, 160, 160), *liver, budget)
+    half = pool_factors(crop_size((96, 160, 160), *liver, 32), budget)
+    assert 32 < margin < 64 and pool_factors(crop_size((96, 160, 160), *liver, margin), budget) == half
+    assert pool_factors(crop_size((96, 160, 160), *liver, margin + 1), budget) != half
+    assert pool_factors(crop_size((96, 160, 160), *liver, 64), budget) != half
+
+
 # ----------------------------------------------------------------------------- region vs full decoding
 
 
 def test_region_decoding_agrees_with_full_decoding(model, phantom):
     """Box step, untrained small model: the masks inside the decoded region agree (Dice measured 0.90-1.0
-    over seeds and boxes); a region whose decoder crop reaches the whole image gives identical logits."""
+    over seeds and boxes); a region whose decoder crop reaches the whole image gives identical logits.
+    (context_margin=64: the box's crop is the whole image, so all three decode the same embedding.)"""
     image, labels = phantom
     idx = np.argwhere(labels == 2)
     lo, hi = tuple(idx.min(0)), tuple(idx.max(0))
     results = {}
     for name, fraction, margin in (("full", 0.0, 0), ("region", 2.0, 0), ("wide", 2.0, 16)):
-        with InferenceSession(model=model, device="cpu", full_decode_fraction=fraction, decode_margin=margin) as s:
+        with InferenceSession(model=model, device="cpu", full_decode_fraction=fraction, decode_margin=margin,
+                              context_margin=64) as s:
             s.set_image(image)
             s.create_object()
             update = s.add_box(lo, hi)

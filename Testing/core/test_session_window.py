@@ -46,8 +46,10 @@ def box(phantom):
 
 
 def session(model, **options) -> InferenceSession:
-    """fp32 (bf16 CPUs would otherwise pick bf16), box regions without margin, clicks +- HALF voxels."""
-    options = {"precision": "fp32", "decode_margin": 0, "click_window": HALF, **options}
+    """fp32 (bf16 CPUs would otherwise pick bf16), box regions without margin, clicks +- HALF voxels, and a
+    box's crop that is the whole image (context_margin 64: these tests compare windows with decoding the
+    whole image's embedding; crops of their own are tested in test_session_region.py)."""
+    options = {"precision": "fp32", "decode_margin": 0, "click_window": HALF, "context_margin": 64, **options}
     return InferenceSession(model=model, device="cpu", **options)
 
 

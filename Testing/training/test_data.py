@@ -164,19 +164,6 @@ def test_case_list_round_trip(tmp_path, npz_dataset):
         read_case_list(tmp_path / "bad.txt", npz_dataset)
 
 
-@pytest.mark.parametrize("extent", [(3, 4, 5), (10, 12, 9), (30, 40, 20), (90, 120, 100)])
-def test_session_context_margin_is_the_mean_training_margin(extent):
-    """A large-mode crop at inference (session_region.training_margin) gets the mean of the margins
-    training draws around an object of the same extent (data.margin_range: uniform 1..high per side)."""
-    from ENSAMSegmentLib.core.session_region import training_margin
-    from ENSAMTrainingLib.core.data import margin_range
-
-    lo, hi_exclusive = np.array([5, 6, 7]), np.array([5, 6, 7]) + np.array(extent)
-    low, high = margin_range(lo, hi_exclusive)
-    assert training_margin(lo, hi_exclusive - 1) == round((low + high) / 2)
-    assert 4 <= training_margin(lo, hi_exclusive - 1) <= 32
-
-
 def _two_objects_case(tmp_path):
     """A case with two separate boxes of labels 1 and 2 (and a third object far away)."""
     labels = np.zeros((32, 48, 48), np.uint8)

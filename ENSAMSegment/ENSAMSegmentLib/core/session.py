@@ -1,29 +1,32 @@
 """The interactive inference session: one image, cached embeddings, objects with undo, merged labels.
 
     with InferenceSession(model_path=None, device="auto") as session:   # default model file
-        session.set_image(array_zyx, spacing_zyx=(1.0, 1.0, 1.0))       # encoder runs once here
+        session.set_image(array_zyx, spacing_zyx=(1.0, 1.0, 1.0))       # encodes the image (or a global view)
         oid = session.create_object()
-        update = session.add_box((z0, y0, x0), (z1, y1, x1))            # inclusive voxel corners
+        update = session.add_box((z0, y0, x0), (z1, y1, x1))            # inclusive corners; encodes its crop
         update = session.add_click((z, y, x), foreground=False)
         labelmap[update.changed] = update.mask[update.changed]           # rewrite only what changed
         session.undo(); labels = session.merged_labels()
 
 Working grid (what the encoder sees; mirrors training, where the model saw crops around the object
-with a 1-64 voxel margin, max-pooled by integer factors above a 4,194,304-voxel budget, padded to 8):
+with a margin of 1 to its size (at most 64 voxels), max-pooled by integer factors above a 4,194,304-voxel budget, padded to 8):
 
-* "whole" mode: the image fits `voxel_budget` (default 8,388,608 = 128x256x256) at native resolution.
-  It is encoded whole, once. An object with a box is decoded only over the bounding box of its box
-  and clicks plus `decode_margin` (default 16) voxels, aligned to 8 (`ENSAM.decode(region=...)`;
-  the decoder also sees 2 more bottleneck cells of context); an object with clicks only, or a region
-  covering >= `full_decode_fraction` of the grid, is decoded whole. A click outside the decoded region
-  grows the region (no re-encode). Voxels outside the decoded region are background.
+* A box, in either mode, makes the session encode a box-centred crop (box and clicks +
+  `context_margin`; default: the widest margin training gives an object of that size, 8 to 64 voxels,
+  `session_region.training_margin`) at native resolution, max-pooled only if it is still above
+  `voxel_budget`; the last `max_cached_regions` (default 2) crop embeddings are cached. An object is
+  thus seen as training showed it, filling a share of its crop rather than a corner of a wide image
+  (validation phantoms, box step: 0.72 decoded on the whole image, 0.93 on the crop; MODEL_CARD.md).
+  The object is decoded only over the bounding box of its box and clicks plus `decode_margin`
+  (default 16) voxels, aligned to 8 (`ENSAM.decode(region=...)`; the decoder also sees 2 more
+  bottleneck cells of context), or over the whole crop when that region covers >=
+  `full_decode_fraction` of it. A click outside the object's crop grows the crop: a new crop is
+  encoded (the cost of one encoder pass).
+* "whole" mode: the image fits `voxel_budget` (the model's training budget, else 8,388,608 =
+  128x256x256) at native resolution. It is encoded whole, once, at `set_image`; that embedding serves
+  objects with clicks only, and a box whose crop is the whole image.
 * "large" mode (e.g. a 512x512x300 CT): a global view, max-pooled to `global_voxel_budget` (default
   4,194,304, the training maximum), is encoded at `set_image` and serves objects without a box.
-  A box makes the session encode a box-centred crop (box and clicks + `context_margin`; default: the
-  mean margin training gives an object of that size, 4 to 32 voxels, `session_region.training_margin`)
-  at native resolution, max-pooled only if it is still above
-  `voxel_budget`; the last `max_cached_regions` (default 2) crop embeddings are cached. A click
-  outside the object's crop grows the crop: a new crop is encoded (the cost of one encoder pass).
   Previous logits move between grids by trilinear resampling; logits of pooled grids reach the
   image by trilinear upsampling. Measured (python Testing/core/test_session_region.py, default-size
   model, CPU, a 512x512x300 int16 CT): global view 150x128x171 (pooling 2, 4, 3), peak RSS 4.1 GB
