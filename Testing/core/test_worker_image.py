@@ -36,7 +36,8 @@ SMALL = dict(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32)
 
 ECHO = '''
 """Test stand-in (test_worker_image.py): the worker's session echoes the image it got; ECHO_READ says what
-happens to an image file before the worker reads it (hold: wait forever; truncate: one byte less)."""
+happens to an image file before the worker reads it (hold: wait forever; truncate: one byte less);
+ECHO_ENCODE=fail-once: the first image fails to encode, as an out-of-memory error would."""
 import concurrent.futures, hashlib, os, sys, time, types
 
 import numpy as np
@@ -47,9 +48,13 @@ class EchoSession:
     model_info = types.SimpleNamespace(path=None, training_data="echo", parameters=1, created="", untrained=True)
 
     def __init__(self, **options):
-        self.last = None
+        self.last, self.failed = None, False
 
     def submit_image(self, array, spacing, modality, ct_window, identity=None):
+        self.last = None
+        if os.environ.get("ECHO_ENCODE") == "fail-once" and not self.failed:
+            self.failed = True
+            return self._failed(RuntimeError("out of memory (echo)"))
         data = np.ascontiguousarray(array)
         self.last = types.SimpleNamespace(
             mode="whole", encoded=True, seconds=0.0, timings={}, dtype=array.dtype.str, shape=array.shape,
@@ -57,7 +62,15 @@ class EchoSession:
         return self._done(self.last)
 
     def submit_same_image(self):
+        if self.last is None:  # as the real session: NoImageError after a failed encode
+            return self._failed(RuntimeError("no image: the last image failed to encode"))
         return self._done(self.last)
+
+    @staticmethod
+    def _failed(error):
+        future = concurrent.futures.Future()
+        future.set_exception(error)
+        return future
 
     def create_object(self):
         return 1
@@ -105,16 +118,16 @@ def echo_dir(tmp_path_factory):
     return folder
 
 
-def echo_env(echo_dir, read: str = "") -> dict:
+def echo_env(echo_dir, read: str = "", encode: str = "") -> dict:
     """The worker's environment: the echo's sitecustomize on PYTHONPATH (WorkerSession puts the package
     folders before it)."""
     env = child_environment(folders=[str(echo_dir)])
-    env["ECHO_READ"] = read
+    env["ECHO_READ"], env["ECHO_ENCODE"] = read, encode
     return env
 
 
-def echo_session(echo_dir, read: str = "", **options) -> WorkerSession:
-    session = WorkerSession(None, "cpu", env=echo_env(echo_dir, read), **options)
+def echo_session(echo_dir, read: str = "", encode: str = "", **options) -> WorkerSession:
+    session = WorkerSession(None, "cpu", env=echo_env(echo_dir, read, encode), **options)
     while not session.ready:
         session.poll(0.05)
         assert not session.closed, session.failure
@@ -299,6 +312,24 @@ def test_a_file_the_worker_cannot_read_fails_the_image_and_ends_the_worker_clear
         assert isinstance(session.failure, WorkerCrashedError)
         assert "exited with code 3" in str(session.failure) and "did not reach" in str(session.failure)
         assert not any(f.exists() for f in session.image_folders)
+    finally:
+        session.close()
+
+
+def test_an_image_that_failed_to_encode_is_sent_again_not_taken_as_the_same_image(echo_dir):
+    """The worker's encode fails (out of memory, say): the same image submitted again is sent and encoded
+    (before the fix it went as "the same image" and failed with "no image"); prompts in between are refused."""
+    session = echo_session(echo_dir, encode="fail-once")
+    try:
+        image = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+        with pytest.raises(Exception, match="out of memory"):
+            session.set_image(image)
+        assert session.image_shape is None
+        with pytest.raises(NoImageError):
+            session.submit_box((0, 0, 0), (1, 1, 1))
+        report = session.set_image(image)
+        assert report.encoded and report.digest == digest(image)
+        assert session.set_image(image).digest == report.digest  # now truly the same image: a note only
     finally:
         session.close()
 

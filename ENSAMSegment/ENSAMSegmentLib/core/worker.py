@@ -136,6 +136,7 @@ class WorkerSession:
         self._objects: dict[int, _ObjectState] = {}
         self._next_id, self._selected = 1, None
         self._submitted: tuple | None = None  # (fingerprint, shape) of the newest image
+        self._image_request: int | None = None  # the id of the newest image (or same-image) request
         self._closed = False
 
         self._key = wire.new_key()
@@ -343,6 +344,8 @@ class WorkerSession:
         pending = _Pending(kind, concurrent.futures.Future(),
                            None if object_id is None else self._objects[object_id], object_id)
         self._pending[request_id] = pending
+        if kind in ("image", "same_image"):
+            self._image_request = request_id
         message = {"op": kind, "id": request_id, **fields}
         if object_id is not None:
             message["object"] = object_id
@@ -476,6 +479,10 @@ class WorkerSession:
         if op == "cancelled":
             pending.future.cancel()
         elif op == "error":
+            if message["id"] == self._image_request:
+                # the newest image failed to encode (or the worker has lost it): it is not the worker's image,
+                # so the same image again must be sent and encoded, not taken for the one already there
+                self._submitted = None
             pending.future.set_exception(wire.decode_error(message["error"]))
         else:
             pending.future.set_result(self._result(pending, message["result"]))
