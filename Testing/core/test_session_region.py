@@ -215,6 +215,17 @@ def test_whole_mode_box_is_decoded_on_its_crop_with_the_widest_training_margin(m
         assert all(e.start <= p < e.stop for e, p in zip(grown.logits_region, (30, 45, 45)))
 
 
+def test_whole_mode_box_crop_of_most_of_the_image_uses_the_cached_embedding(model, phantom):
+    """A crop holding at least WHOLE_IMAGE_SHARE of the image is not encoded again: the image's serves."""
+    with InferenceSession(model=model, device="cpu", context_margin=2) as session:
+        session.set_image(phantom[0])
+        session.create_object()
+        session.add_box((4, 6, 6), (27, 41, 41))  # crop 28x40x40 = 61 % of 32x48x48
+        assert session.encoder_runs == 1
+        session.add_box((8, 12, 12), (23, 35, 35))  # crop 20x28x28 = 21 %: encoded
+        assert session.encoder_runs == 2
+
+
 def test_training_margin_is_the_widest_margin_training_draws():
     """session_region.training_margin = the top of data.margin_range for an object of that extent."""
     from ENSAMTrainingLib.core.data import margin_range

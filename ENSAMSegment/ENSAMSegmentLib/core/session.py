@@ -24,7 +24,8 @@ with a margin of 1 to its size (at most 64 voxels), max-pooled by integer factor
   encoded (the cost of one encoder pass).
 * "whole" mode: the image fits `voxel_budget` (the model's training budget, else 8,388,608 =
   128x256x256) at native resolution. It is encoded whole, once, at `set_image`; that embedding serves
-  objects with clicks only, and a box whose crop is the whole image.
+  objects with clicks only, and a box whose crop would hold half the image or more (`WHOLE_IMAGE_SHARE`:
+  encoding such a crop again costs a whole encoder pass and changes little).
 * "large" mode (e.g. a 512x512x300 CT): a global view, max-pooled to `global_voxel_budget` (default
   4,194,304, the training maximum), is encoded at `set_image` and serves objects without a box.
   Previous logits move between grids by trilinear resampling; logits of pooled grids reach the
