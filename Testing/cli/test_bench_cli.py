@@ -10,8 +10,8 @@ import pytest
 
 from ENSAMSegmentLib.evaluation.benchmark import BenchmarkError, make_scenario, parse_shape, stats, targets
 from ENSAMSegmentLib.cli.main import main
-from ENSAMSegmentLib.core.modelfile import create_untrained_model_file, default_model_path
-from ENSAMSegmentLib.core.network import ENSAMConfig
+from ENSAMSegmentLib.core.modelfile import create_untrained_model_file, default_model_path, save_model
+from ENSAMSegmentLib.core.network import ENSAM, ENSAMConfig
 
 TINY = "32,48,48"
 POSITIVE = ("encoder_s", "encoder_s_p95", "set_image_s_median", "box_s_median", "box_s_p95", "click_s_median",
@@ -92,6 +92,25 @@ def test_click_window_0_and_fp32_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # refused by the shared --click-window option, before any work
         main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--click-window", "-1"])
     assert exit_info.value.code == 2 and "integer >= 0" in capsys.readouterr().err
+
+
+def test_the_session_works_at_the_model_files_voxel_budget_unless_told(tmp_path, capsys):
+    """As every front-end: a model trained at 4,096-voxel patches sees a 24x32x32 image pooled (large
+    mode, grids of at most 4,096 voxels); --voxel-budget overrides it (whole mode at native size)."""
+    model = ENSAM(ENSAMConfig(init_filters=8, blocks_down=(1, 1, 1, 1), heads=2, mlp_hidden=32))
+    path = save_model(tmp_path / "small-patches.pt", model, training_data="test", voxel_budget=4096)
+    args = ["bench", "--json", "--shape", "24x32x32", "--repeats", "1", "--warmup", "0", "--checkpoint", str(path),
+            "--no-growcut", "--no-agreement"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["voxel_budget"] == r["model"]["voxel_budget"] == 4096
+    assert r["mode"] == "large" and math.prod(r["grid_shape"]) <= 4096
+    assert main([*args, "--voxel-budget", "100000"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["voxel_budget"] == 100000 and r["mode"] == "whole" and r["grid_shape"] == [24, 32, 32]
+    with pytest.raises(SystemExit) as exit_info:  # refused by argparse, before any work
+        main(["bench", "--shape", "24x32x32", "--checkpoint", str(path), "--voxel-budget", "12"])
+    assert exit_info.value.code == 2 and "expected a number of voxels >= 512" in capsys.readouterr().err
 
 
 def test_scenario_box_is_an_eighth_around_the_liver_with_clicks_inside():

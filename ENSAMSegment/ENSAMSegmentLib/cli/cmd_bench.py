@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument
+from ENSAMSegmentLib.cli.cmd_segment import add_click_window_argument, voxel_count
 from ENSAMSegmentLib.cli.common import check_device
 from ENSAMSegmentLib.cli.main import UserError
 
@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto (default): bf16 on GPUs and on CPUs with native bf16, else fp32")
     add_click_window_argument(parser)
+    parser.add_argument("--voxel-budget", type=voxel_count, default=None, metavar="N",
+                        help="largest grid the session works on, in voxels (default: the budget the model file "
+                             "records, as every front-end uses it; else 8388608 = 128x256x256 at native resolution)")
     parser.add_argument("--no-agreement", action="store_true",
                         help="skip the untimed pass comparing windowed clicks with clicks decoded over the box region")
     parser.add_argument("--worker", action="store_true",
@@ -68,7 +71,7 @@ def run(args) -> int:
                                args.checkpoint, growcut=not args.no_growcut, progress=progress,
                                precision=args.precision, click_window=args.click_window,
                                agreement=not args.no_agreement, tune_malloc=not args.system_malloc,
-                               worker=args.worker)
+                               worker=args.worker, voxel_budget=args.voxel_budget)
     except (BenchmarkError, SessionError, GrowCutError) as error:
         raise UserError(str(error)) from None
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -92,7 +92,8 @@ def add_click_window_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: the session's, 32; 0: decode the whole box region)")
 
 
-def _budget(text: str) -> int:
+def voxel_count(text: str) -> int:
+    """argparse type of a voxel budget: an integer >= 512 (underscores allowed)."""
     try:
         value = int(text.replace("_", ""))
     except ValueError:
@@ -108,7 +109,7 @@ SESSION_OPTIONS = ("click_window", "voxel_budget")  # the InferenceSession optio
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     """The InferenceSession options of segment, predict and evaluate; not given = the session's default."""
     add_click_window_argument(parser)
-    parser.add_argument("--voxel-budget", type=_budget, default=None, metavar="N",
+    parser.add_argument("--voxel-budget", type=voxel_count, default=None, metavar="N",
                         help="largest grid the model sees at once, in voxels (default: the budget the model was "
                              "trained at, recorded in its file; else 8388608 = 128x256x256): a box region above it "
                              "is max-pooled to fit")

@@ -8,7 +8,10 @@ image size per axis (1/8 of the volume, clipped to the image) centred on the liv
 the box: foreground (liver), background (box, not liver), foreground. Every repeat, after `warmup`
 discarded ones, measures wall-clock time of what a user waits for:
 
-ENSAM (one `InferenceSession`, the model loaded once):
+ENSAM (one `InferenceSession`, the model loaded once, on the grids a user's session gets: at most the
+voxel budget the model file records, the patch size it was trained at, as in `ensam segment`, the web
+app and Slicer; a model without one, and an untrained model, at the session's VOXEL_BUDGET,
+128x256x256 at native resolution; `voxel_budget` sets another):
 * `set_image` on an image differing from the previous one by one voxel, so that the fingerprint cache
   cannot skip the encoder (checked: the encoder runs once per repeat). `encoder` is the session's
   "encode" timing, `set_image` adds hashing and intensity normalisation.
@@ -246,14 +249,15 @@ def bench_model(checkpoint=None) -> tuple[torch.nn.Module, dict]:
             model = ENSAM(ENSAMConfig()).eval()
         note = (f"no model file at {path}: an untrained model of the default architecture is used "
                 "(timings do not depend on the weights)")
-        return model, {"path": None, "untrained": True, "parameters": count_parameters(model), "note": note}
+        return model, {"path": None, "untrained": True, "parameters": count_parameters(model), "note": note,
+                       "voxel_budget": None}
     try:
         model, info = load_model(path)
     except ModelFileError as error:
         raise BenchmarkError(str(error)) from None
     note = "the model file is untrained (random weights)" if info.untrained else ""
     return model, {"path": str(path), "untrained": info.untrained, "parameters": count_parameters(model),
-                   "note": note}
+                   "note": note, "voxel_budget": info.voxel_budget}
 
 
 # --------------------------------------------------------------------------------- the two methods
@@ -295,7 +299,8 @@ def bench_ensam(session, scenario: Scenario, repeats: int, warmup: int, clock: C
     return {"samples": samples, **info}
 
 
-def window_agreement(model, scenario: Scenario, device, precision: str, window_masks: list, progress=print) -> list:
+def window_agreement(model, scenario: Scenario, device, precision: str, window_masks: list, progress=print,
+                     voxel_budget: int | None = None) -> list:
     """Dice between each click's mask decoded over its window (`window_masks`, from the timed run) and
     the same click decoded over the whole box region (click_window 0), untimed: what windowed
     decoding changes in the result. With trained weights this says how much accuracy the speed costs;
@@ -304,7 +309,8 @@ def window_agreement(model, scenario: Scenario, device, precision: str, window_m
     from ENSAMSegmentLib.core.session import InferenceSession
 
     progress("agreement: the same clicks decoded over the whole box region (untimed) ...")
-    with InferenceSession(model=model, device=device, precision=precision, click_window=0) as session:
+    with InferenceSession(model=model, device=device, precision=precision, click_window=0,
+                          voxel_budget=voxel_budget) as session:
         session.set_image(variant(scenario.image, 0), scenario.spacing)
         session.create_object()
         session.add_box(*scenario.box)
@@ -352,8 +358,9 @@ def _tag(i: int, warmup: int) -> str:
 def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, warmup: int = 1,
                   checkpoint=None, growcut: bool = True, progress=print, precision: str = "auto",
                   click_window: int | None = None, agreement: bool = True, tune_malloc: bool = True,
-                  worker: bool = False) -> dict:
-    """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring)."""
+                  worker: bool = False, voxel_budget: int | None = None) -> dict:
+    """Run both methods on one scenario; returns the report (plain data, JSON-ready; module docstring).
+    voxel_budget None: the model file's (the session's grids as a user gets them), else VOXEL_BUDGET."""
     import torch
 
     from ENSAMSegmentLib import __version__
@@ -367,31 +374,33 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
         raise BenchmarkError(str(error)) from None
     malloc = "glibc, freed memory kept (M_MMAP_MAX 0)" if tune_malloc and devices.keep_freed_memory() else "default"
     model, model_info = bench_model(checkpoint)
+    voxel_budget = voxel_budget or model_info["voxel_budget"]  # an in-memory model carries no budget: pass it on
     progress(f"building the {'x'.join(map(str, shape))} phantom ...")
     scenario = make_scenario(shape)
     clock = Clock(torch_device)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats(torch_device)
     try:
-        session = InferenceSession(model=model, device=torch_device, precision=precision, click_window=click_window)
+        session = InferenceSession(model=model, device=torch_device, precision=precision, click_window=click_window,
+                                   voxel_budget=voxel_budget)
     except ValueError as error:  # SessionError included
         raise BenchmarkError(str(error)) from None
     with session:
         before = cpu_usage()
         ensam = bench_ensam(session, scenario, repeats, warmup, clock, progress)
         ensam_cpu = usage_between(before, cpu_usage())
-        device_name, click_window = session.device_name, session.click_window
+        device_name, click_window, voxel_budget = session.device_name, session.click_window, session.voxel_budget
     peak_ensam = peak_rss_mb()  # the interactive session's, before the untimed agreement pass
     cuda_peak = torch.cuda.max_memory_allocated(torch_device) / 2**20 if clock.cuda else None
     del session  # and its embeddings, before the agreement pass encodes the image again
-    agreement = (window_agreement(model, scenario, torch_device, precision, ensam["first_click_masks"], progress)
-                 if click_window and agreement else None)
+    agreement = (window_agreement(model, scenario, torch_device, precision, ensam["first_click_masks"], progress,
+                                  voxel_budget) if click_window and agreement else None)
     boundary = None
     if worker:  # the same clicks through the worker process the Slicer module uses (boundary.py)
         from .boundary import bench_boundary
 
         boundary = bench_boundary(model, model_info, scenario, repeats, warmup, torch_device, precision,
-                                  click_window, progress)
+                                  click_window, progress, voxel_budget)
     grow = bench_growcut(scenario, repeats, warmup, progress) if growcut else None
 
     s = {k: stats(v) for k, v in ensam["samples"].items()}
@@ -400,7 +409,8 @@ def run_benchmark(shape=DEFAULT_SHAPE, device: str = "auto", repeats: int = 5, w
         "shape": list(shape), "device": str(torch_device), "device_name": device_name, "spacing": list(SPACING_ZYX),
         "box": [list(c) for c in scenario.box], "box_fraction": scenario.box_fraction,
         "clicks": [{"point": list(p), "foreground": fg} for p, fg in scenario.clicks],
-        "repeats": repeats, "warmup": warmup, "mode": ensam["mode"], "grid_shape": ensam["grid_shape"],
+        "repeats": repeats, "warmup": warmup, "voxel_budget": voxel_budget, "mode": ensam["mode"],
+        "grid_shape": ensam["grid_shape"],
         "box_decode_region": ensam["box_decode_region"], "click_decode_region": ensam["click_decode_region"],
         "click_window": click_window, "click_decoding": ensam["click_decoding"],
         "click_decode_regions": ensam["click_decode_regions"], "window_vs_region_dice": agreement,
@@ -472,6 +482,8 @@ def format_report(r: dict) -> str:
         f"ENSAM interactive benchmark, {r['date']}",
         f"  volume {d}x{h}x{w} phantom ({r['mode']} mode, encoder grid {'x'.join(map(str, r['grid_shape']))}), "
         f"box {'x'.join(map(str, box))} = {100 * r['box_fraction']:.1f}% of the volume",
+        f"  grids of at most {r['voxel_budget']:,} voxels"
+        + (" (the model's training budget)" if r["voxel_budget"] == r["model"].get("voxel_budget") else ""),
         f"  device {r['device_name']}; CPU {r['cpu']} ({r['cpu_count']} cores); torch {r['torch_version']}, "
         f"{r['torch_threads']} threads" + (f"; GPU {r['gpu']}" if r["gpu"] else ""),
         f"  CPU kernels {r['cpu_isa']['aten_capability']}, native bf16 {r['cpu_isa']['native_bf16']}"

@@ -40,7 +40,7 @@ def _worker_model_file(model, model_info: dict, folder: Path) -> str:
 
 
 def bench_boundary(model, model_info: dict, scenario, repeats: int, warmup: int, device, precision: str,
-                   click_window, progress=print) -> dict:
+                   click_window, progress=print, voxel_budget: int | None = None) -> dict:
     """Clicks through a worker process (see the module docstring); returns the figures and raw samples."""
     from ENSAMSegmentLib.core.worker import WorkerSession
 
@@ -50,7 +50,7 @@ def bench_boundary(model, model_info: dict, scenario, repeats: int, warmup: int,
                "submit_image_socket": []}
     with tempfile.TemporaryDirectory(prefix="ensam-bench-") as folder:
         path = _worker_model_file(model, model_info, Path(folder))
-        options = {"precision": precision}
+        options = {"precision": precision, "voxel_budget": voxel_budget}
         if click_window is not None:
             options["click_window"] = int(click_window)
         with WorkerSession(path, str(device), **options) as worker:
