@@ -29,11 +29,11 @@ from torch import nn
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters and state dict) that trains correctly under CPU bf16 autocast.
 
-    oneDNN's bf16 backward of a stride-1 3x3x3 convolution whose input is 2 voxels deep (and has 32
-    or more channels) reads uninitialised memory: its weight and input gradients come out wrong by
-    orders of magnitude, NaN when that memory held NaN (torch 2.13.0+cpu on a CPU with AVX512-BF16,
-    measured over every depth, height and width of 1-6 and 16-128 channels: depth 2 only; forward,
-    fp32 and stride 2 are exact). In training such a layer is the bottleneck of a crop 9-16 voxels
+    oneDNN's bf16 backward of a stride-1 3x3x3 convolution whose input is 2 voxels deep reads
+    uninitialised memory: its weight and input gradients come out wrong by orders of magnitude, NaN
+    when that memory held NaN (torch 2.13.0+cpu on a CPU with AVX512-BF16, measured over every depth,
+    height and width of 1-6 and 8-128 channels: depth 2 only, from 32 channels with 2 threads and
+    from 16 with 1; forward, fp32 and stride 2 are exact), so the guard does not look at channels. In training such a layer is the bottleneck of a crop 9-16 voxels
     deep or the 1/4 level of one 8 deep: about 7 % of samples. Those calls run in fp32 instead.
     """
 
