@@ -104,3 +104,73 @@ def test_bf16_training_gives_the_fp32_gradients_for_an_input_2_deep(channels):
             assert float((got - want).abs().max() / want.abs().max()) < 0.02
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference keeps bf16 (its forward is exact)
         assert conv(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_skip_terms_give_the_same_logits_and_gradients(n_objects):
+    """Training's decodes from precomputed skip terms are the plain decoder, rewritten (fp32: exact to
+    rounding), with the skips' gradients reaching the encoder."""
+    torch.manual_seed(0)
+    model = ENSAM(SMALL)
+    for p in model.parameters():  # GroupNorm affine away from 1/0, so a half's weights matter
+        if p.dim() == 1:
+            p.data += 0.2 * torch.randn_like(p)
+    image, target = sphere_in_noise()
+    prompts = Prompts.from_objects([{"box": ((3, 5, 7), (13, 17, 19)), "fg": [(8, 11, 13)]}] * n_objects)
+
+    calls = []
+    forward_with_terms = model.decoder.forward_with_terms
+    model.decoder.forward_with_terms = lambda *args: calls.append(1) or forward_with_terms(*args)
+
+    def run(with_terms: bool):
+        model.zero_grad(set_to_none=True)
+        emb = model.encode(image)
+        if with_terms:
+            emb = model.with_skip_terms(emb)
+            assert len(emb.skip_terms) == 3 and emb.skip_terms[-1][0].shape == (1, 8, *SHAPE)
+        first = model.decode(emb, prompts)
+        refined = model.decode(emb, prompts, prev_logits=first.detach())
+        (dice_bce(first, target.expand_as(first)) + dice_bce(refined, target.expand_as(refined))).backward()
+        return refined.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = run(False)
+    assert not calls
+    terms, terms_grads = run(True)
+    assert len(calls) == 2  # both decodes took the skip terms
+    torch.testing.assert_close(terms, plain, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == terms_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(terms_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert terms_grads["encoder.init_conv.weight"].abs().sum() > 0
+
+
+def test_skip_terms_leave_region_and_frozen_statistics_decodes_alone():
+    torch.manual_seed(0)
+    model = ENSAM(SMALL).eval()
+    image, _ = sphere_in_noise()
+    with torch.no_grad():
+        emb = model.encode(image)
+        with_terms = model.with_skip_terms(emb)
+        region = (slice(0, 8), slice(8, 24), slice(0, 16))
+        torch.testing.assert_close(model.decode(with_terms, PROMPTS, region=region),
+                                   model.decode(emb, PROMPTS, region=region))
+        norms = {}
+        torch.testing.assert_close(model.decode(with_terms, PROMPTS, norms=norms), model.decode(emb, PROMPTS))
+        assert norms  # the statistics were recorded: the plain path ran
+        moved = with_terms.to(dtype=torch.float64)
+        assert moved.skip_terms[0][0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 4, 2), (6, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upsample2x_is_trilinear_interpolation(shape, dtype):
+    from ENSAMSegmentLib.core.network.blocks import upsample2x
+
+    x = torch.randn(2, 3, *shape, dtype=dtype, requires_grad=True)
+    ours = upsample2x(x)
+    reference = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(ours, reference)
+    g = torch.randn_like(ours)
+    (grad,) = torch.autograd.grad(ours, x, g)
+    (reference_grad,) = torch.autograd.grad(reference, x, g)
+    torch.testing.assert_close(grad, reference_grad)

@@ -176,6 +176,18 @@ def test_train_bench_throughput_runs_the_whole_step_with_the_cheaper_options():
     assert row["cpu_seconds_per_sample"] > 0 and row["amp"] is True
 
 
+def test_train_bench_throughput_with_data_parallel_processes():
+    from ENSAMTrainingLib.core.bench import measure_throughput
+
+    (row,) = measure_throughput([(16, 24, 24)], "cpu", steps=1, model_config=TINY_MODEL, grad_clicks=1,
+                                tune_malloc=False, processes=2)
+    assert row["processes"] == 2 and row["threads_per_process"] >= 1
+    assert row["steps_run"] == 6 and row["samples_per_s"] > 0 and row["peak_memory_mib"] > 0
+    assert "2 processes" in row["peak_memory_kind"]
+    with pytest.raises(ValueError, match="CPU"):
+        measure_throughput([(16, 24, 24)], "cuda", steps=1, processes=2)
+
+
 def test_crop_margins_follow_the_object_size():
     from ENSAMTrainingLib.core.data import margin_range, random_crop
 

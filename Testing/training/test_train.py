@@ -20,7 +20,7 @@ from ENSAMSegmentLib.core.modelfile import load_model, read_model_info
 from ENSAMSegmentLib.core.phantom import make_phantom, write_challenge_dataset
 from ENSAMTrainingLib.core.logs import read_csv
 from ENSAMTrainingLib.core.progress import ProgressStream, read_events
-from ENSAMTrainingLib.core.trainer import TrainConfig, resume, train
+from ENSAMTrainingLib.core.trainer import TrainConfig, TrainingError, resume, train
 
 VENV_BIN = Path(sys.executable).parent
 def tiny_config(data, out, **changes) -> TrainConfig:
@@ -135,6 +135,22 @@ def test_sigterm_checkpoints_and_resume_matches(reference_run, four_cases, tmp_p
     assert read_events(progress)[-1]["status"] == "finished"
     expected, got = parameters(reference_run), parameters(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_accumulation_changes_on_resume_from_an_epoch_end_only(four_cases, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_config(four_cases, out, stop_after=3)).step == 3  # mid-epoch 1 (2 steps an epoch)
+    with pytest.raises(TrainingError, match="mid-epoch with 2 samples per step"):
+        resume(out, accumulation=1)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3  # the refusal changed nothing
+    epoch_end = tmp_path / "epoch_end"
+    assert train(tiny_config(four_cases, epoch_end, stop_after=2)).step == 2
+    state = torch.load(epoch_end / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["position"]) == (0, 4)  # stopped after epoch 0's last step
+    result = resume(epoch_end, stop_after=None, accumulation=1)  # 4 samples: 4 steps in epoch 1
+    assert (result.status, result.step) == ("finished", 6)
+    assert [r["samples"] for r in read_csv(epoch_end / "metrics.csv")] == [2, 4, 5, 6, 7, 8]
+    assert json.loads((epoch_end / "config.json").read_text())["accumulation"] == 1
 
 
 def test_ddp_two_gloo_processes_match_one_process(four_cases, tmp_path):
@@ -274,3 +290,17 @@ def test_weights_that_are_not_finite_are_never_checkpointed(four_cases, tmp_path
     with pytest.raises(TrainingError, match="not finite: no checkpoint written"):
         trainer._save_checkpoint("time")
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_run_stopped_at_an_epoch_end_goes_on_under_torchrun_with_half_the_accumulation(four_cases, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_config(four_cases, out, stop_after=2)).step == 2  # epoch 0: 2 steps of 2 samples
+    args = ["train", "--out", str(out), "--resume", "--accumulation", "1", "--stop-after", "99", "--no-progress-bar"]
+    run = subprocess.run(
+        [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ENSAMSegmentLib.cli.main", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_csv(out / "metrics.csv")  # epoch 1: 2 processes x 1 sample = 2 samples per step, as before
+    assert [(r["epoch"], r["step"], r["samples"]) for r in rows] == [(0, 1, 2), (0, 2, 4), (1, 3, 6), (1, 4, 8)]
+    assert (out / "model.pt").is_file()

@@ -279,6 +279,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--grad-clicks", type=int, help="click steps with gradients per sample (default: all)")
     t.add_argument("--system-malloc", dest="tune_malloc", action="store_false",
                    help="leave glibc's malloc as it is (default: freed memory kept, as the trainer does)")
+    t.add_argument("--processes", type=int, default=1,
+                   help="CPU data-parallel processes sharing the cores, as `torchrun --nproc_per_node N ensam "
+                        "train` runs them (default 1)")
     t.add_argument("--out", help="write the results as JSON here")
     t.set_defaults(func=_later("bench", "_run_throughput_cmd"))
     return p

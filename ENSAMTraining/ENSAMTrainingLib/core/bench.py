@@ -218,10 +218,26 @@ def measure_throughput(
     amp: bool = True,
     grad_clicks: int | None = None,
     tune_malloc: bool = True,
+    processes: int = 1,
 ) -> list[dict]:
     """Per shape: samples/s of the full training step (after one warm-up) and peak memory in MiB.
     amp: bf16 autocast where training uses it (step.autocast_for); grad_clicks: see InteractiveStep;
-    tune_malloc: keep freed memory (devices.keep_freed_memory) on the CPU, as the trainer does."""
+    tune_malloc: keep freed memory (devices.keep_freed_memory) on the CPU, as the trainer does.
+    processes > 1 (CPU): that many data-parallel processes, as `torchrun --nproc_per_node N ensam
+    train` runs them (gloo, DistributedDataParallel, the cores shared out), each on its own sample;
+    samples/s counts all of them."""
+    if processes > 1:
+        return _parallel_throughput(shapes, device, steps, model_config, amp, grad_clicks, tune_malloc, processes)
+    results = []
+    for shape, timed in _timed_samples(shapes, device, steps, model_config, amp, grad_clicks, tune_malloc):
+        results.append(_row(shape, timed, 1.0 / float(np.mean(timed["times"]))))
+        print(_format_row(results[-1]), file=sys.stderr)
+    return results
+
+
+def _timed_samples(shapes, device, steps, model_config, amp, grad_clicks, tune_malloc, ddp_rank=None):
+    """Yield (shape, timings) per shape: `steps` full training samples after one warm-up. ddp_rank:
+    inside a process group, the step runs under DistributedDataParallel (as the trainer's does)."""
     from .optim import make_optimizers
     from .step import InteractiveStep
     from .runsetup import TrainConfig, build_model, pick_device, renormalize
@@ -237,9 +253,13 @@ def measure_throughput(
     optimizers = make_optimizers(model)
     # every interaction step runs (no early end when a click changes nothing): the cost of a full sample
     step = InteractiveStep(model, amp=amp, grad_clicks=grad_clicks, stop_when_stuck=False)
-    results = []
+    if ddp_rank is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [torch_device.index] if torch_device.type == "cuda" else None
+        step = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
     for shape in shapes:
-        sample = phantom_sample(shape)
+        sample = phantom_sample(shape)  # the same sample on every rank: they keep step
         if torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(torch_device)
         times, cpu_times = [], []
@@ -260,24 +280,73 @@ def measure_throughput(
             peak = torch.cuda.max_memory_allocated(torch_device) / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        results.append(
-            dict(
-                shape="x".join(map(str, shape)),
-                voxels=int(np.prod(shape)),
-                device=str(torch_device),
-                amp=amp,
-                grad_clicks=grad_clicks,
-                malloc=malloc,
-                steps_run=len(last_losses),
-                samples_per_s=1.0 / float(np.mean(times)),
-                seconds_per_sample=float(np.mean(times)),
-                cpu_seconds_per_sample=float(np.mean(cpu_times)),  # all threads; robust to a busy machine
-                peak_memory_mib=peak,
-                peak_memory_kind="cuda allocated" if torch_device.type == "cuda" else "process max RSS",
-            )
-        )
+        yield shape, dict(device=str(torch_device), amp=amp, grad_clicks=grad_clicks, malloc=malloc,
+                          steps_run=len(last_losses), times=times, cpu_times=cpu_times, peak=peak,
+                          peak_kind="cuda allocated" if torch_device.type == "cuda" else "process max RSS")
+
+
+def _row(shape, timed: dict, samples_per_s: float, processes: int = 1) -> dict:
+    return dict(
+        shape="x".join(map(str, shape)),
+        voxels=int(np.prod(shape)),
+        device=timed["device"],
+        amp=timed["amp"],
+        grad_clicks=timed["grad_clicks"],
+        malloc=timed["malloc"],
+        processes=processes,
+        threads_per_process=torch.get_num_threads() if processes == 1 else timed["threads"],
+        steps_run=timed["steps_run"],
+        samples_per_s=samples_per_s,
+        seconds_per_sample=1.0 / samples_per_s,
+        cpu_seconds_per_sample=float(np.mean(timed["cpu_times"])),  # all threads; robust to a busy machine
+        peak_memory_mib=timed["peak"],
+        peak_memory_kind=timed["peak_kind"],
+    )
+
+
+def _parallel_throughput(shapes, device, steps, model_config, amp, grad_clicks, tune_malloc, processes) -> list[dict]:
+    """measure_throughput with `processes` CPU processes in a gloo group, torch's threads shared out."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if device not in ("auto", "cpu"):
+        raise ValueError("--processes measures CPU data parallelism; on GPUs time torchrun's own runs")
+    threads = max(1, torch.get_num_threads() // processes)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    args = (processes, port, threads, (shapes, "cpu", steps, model_config, amp, grad_clicks, tune_malloc), queue)
+    mp.start_processes(_throughput_rank, args=args, nprocs=processes, start_method="spawn")
+    by_rank = dict(queue.get() for _ in range(processes))
+    results = []
+    for i, shape in enumerate(shapes):
+        ranks = [by_rank[r][i] for r in range(processes)]
+        # every sample ends in the gradients' all-reduce, so the ranks keep step; the slowest sets the pace
+        seconds = max(float(np.mean(t["times"])) for t in ranks)
+        timed = dict(ranks[0], threads=threads, cpu_times=[c for t in ranks for c in t["cpu_times"]],
+                     peak=sum(t["peak"] for t in ranks), peak_kind=f"max RSS of the {processes} processes, summed")
+        results.append(_row(shape, timed, processes / seconds, processes))
         print(_format_row(results[-1]), file=sys.stderr)
     return results
+
+
+def _throughput_rank(rank: int, world: int, port: int, threads: int, measure_args: tuple, queue) -> None:
+    """One process of _parallel_throughput: joins the group as torchrun would set it up, measures."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo")
+    try:
+        queue.put((rank, [timed for _, timed in _timed_samples(*measure_args, ddp_rank=rank)]))
+    finally:
+        dist.destroy_process_group()
 
 
 def _sync(device: torch.device) -> None:
@@ -289,7 +358,8 @@ def _format_row(r: dict) -> str:
     return (
         f"{r['shape']:>14} {r['voxels']:>10} voxels  {r['samples_per_s']:8.3f} samples/s  "
         f"{r['cpu_seconds_per_sample']:7.1f} CPU s/sample  "
-        f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']}, malloc {r['malloc']})  "
+        f"({r['steps_run']} interaction steps, amp {r['amp']}, grad clicks {r['grad_clicks']}, malloc {r['malloc']}, "
+        f"{r['processes']} process(es) x {r['threads_per_process']} thread(s))  "
         f"{r['peak_memory_mib']:9.0f} MiB ({r['peak_memory_kind']})"
     )
 
@@ -325,7 +395,7 @@ def _run_prompts_cmd(args) -> int:
 
 def _run_throughput_cmd(args) -> int:
     results = measure_throughput(args.shapes, args.device, args.steps, args.model_config, args.amp,
-                                 args.grad_clicks, args.tune_malloc)
+                                 args.grad_clicks, args.tune_malloc, args.processes)
     for r in results:
         print(_format_row(r))
     if args.out:

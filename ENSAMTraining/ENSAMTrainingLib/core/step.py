@@ -130,7 +130,7 @@ class InteractiveStep(nn.Module):
         graded = self._graded_steps(rng, sample.box is not None)
         losses, all_losses = [], []
         with autocast_for(device, self.amp):
-            embedding = self.model.encode(image)
+            embedding = self.model.with_skip_terms(self.model.encode(image))  # shared by every step
             steps = interact(self.model, embedding, gt, sample.box, self.clicks, rng, self.stop_when_stuck,
                              grad_for=None if graded is None else graded.__contains__)
             for logits in steps:  # step 0 always keeps its graph, so `losses` is never empty

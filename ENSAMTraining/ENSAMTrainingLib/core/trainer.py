@@ -27,7 +27,9 @@ model, optimiser states, schedule, RNG states, the epoch and the position in it;
 order and every sample are functions of (seed, epoch, index) (data.py), so the resumed run
 computes the same steps as one that never stopped. On resume the data settings come from
 the checkpoint; ``epochs``, ``device``, ``workers``, ``checkpoint_minutes``,
-``progress_json``, ``stop_after`` and ``progress_bar`` may be given anew.
+``progress_json``, ``stop_after`` and ``progress_bar`` may be given anew, and from a checkpoint
+taken at an epoch's end also ``accumulation`` and the number of processes (e.g. to go on under
+``torchrun --nproc_per_node 2`` with half the accumulation: the same samples per optimizer step).
 
 Non-finite steps: a step whose loss or gradients are not finite (one bad sample, an overflow) updates
 nothing and is reported; ``MAX_NONFINITE_IN_A_ROW`` of them in a row end the run with TrainingError.
@@ -78,7 +80,8 @@ WORKER_TERM_GRACE_S = 20
 # this many in a row stop the run with an error, its last checkpoint intact. A checkpoint of weights
 # that are not finite is never written (the one before it stays).
 MAX_NONFINITE_IN_A_ROW = 20
-RESUME_OVERRIDES = ("epochs", "device", "workers", "checkpoint_minutes", "progress_json", "stop_after", "progress_bar")
+RESUME_OVERRIDES = ("epochs", "device", "workers", "checkpoint_minutes", "progress_json", "stop_after", "progress_bar",
+                    "accumulation")  # accumulation: from an epoch-end checkpoint only (see _restore)
 
 
 @dataclasses.dataclass
@@ -171,15 +174,25 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         saved_world = state.get("world_size", 1)
-        if saved_world != self.info.world_size and state["position"] != 0:
+        # between epochs: a new epoch not begun, or (stop_after) the last step of one taken
+        between = state["position"] in (0, samples_per_rank(len(self.train_cases), saved_world))
+        if saved_world != self.info.world_size and not between:
             raise TrainingError(
                 f"this checkpoint was taken mid-epoch by {saved_world} process(es): resume it with "
                 f"{saved_world} (here {self.info.world_size}); an epoch-end checkpoint can resume with any number"
+            )
+        saved_accumulation = state["config"].get("accumulation", self.config.accumulation)
+        if saved_accumulation != self.config.accumulation and not between:
+            raise TrainingError(
+                f"this checkpoint was taken mid-epoch with {saved_accumulation} samples per step and process: "
+                f"resume it with that --accumulation; an epoch-end checkpoint can change it"
             )
         self.model.load_state_dict(state["model"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         self.epoch, self.position, self.step = state["epoch"], state["position"], state["step"]
+        if between and self.position:  # the epoch's last step was taken: done for any number of processes
+            self.position = self.per_rank
         self.elapsed_before, self.epoch_loss = state["elapsed_s"], list(state["epoch_loss"])
         self.samples_before = state["samples"]
         self.last_val = state["last_val"]

@@ -38,11 +38,18 @@ class Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[2] == 2 and x.device.type == "cpu" and torch.is_grad_enabled()
-                and torch.is_autocast_enabled("cpu")):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=1) -> torch.Tensor:
+    """F.conv3d, in fp32 for a stride-1 convolution of an input 2 voxels deep under CPU autocast with
+    autograd (see Conv3d). For convolutions with part of a layer's weight (UpLevel.skip_terms)."""
+    stride1 = stride == 1 or tuple(stride) == (1, 1, 1)
+    if (stride1 and x.shape[2] == 2 and weight.shape[2] > 1 and x.device.type == "cpu"
+            and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):
+            return F.conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding)
+    return F.conv3d(x, weight, bias, stride, padding)
 
 
 def conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv3d:
@@ -152,7 +159,32 @@ class UpLevel(nn.Module):
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 2C, d, h, w] -> [N, C, 2d, 2h, 2w]."""
-        return F.interpolate(self.reduce(x), scale_factor=2, mode="trilinear", align_corners=False)
+        return upsample2x(self.reduce(x))
+
+    def skip_terms(self, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the skip alone contributes to this level's block, the same for every decode of an image.
+
+        The block's input is cat([u, skip]) (u = the upsampled decoder path, C + C channels). Its
+        GroupNorm's groups fall wholly in one half, so normalising the skip's half does not depend on u,
+        and a convolution of a concatenation is the sum of its halves' convolutions. Returns the
+        skip's share of the first 3x3x3 convolution, conv1_skip(relu(GN_skip(skip))), and of the
+        1x1 residual, skip_skip(skip): [N, C, D, H, W] each (`forward_with_terms` adds the rest).
+        """
+        c, block = skip.shape[1], self.block
+        half = block.norm1.num_groups // 2
+        a = F.relu(F.group_norm(skip, half, block.norm1.weight[c:], block.norm1.bias[c:], block.norm1.eps))
+        return conv3d(a, block.conv1.weight[:, c:]), F.conv3d(skip, block.skip.weight[:, c:])
+
+    def forward_with_terms(self, x: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """forward(x, skip) from the skip's `skip_terms`: the same function (up to rounding) with one
+        3x3x3 convolution of C channels fewer per decode. Autograd: the terms' backward runs once for
+        all the decodes that used them."""
+        block, u = self.block, self.upsample(x)
+        c, half = u.shape[1], block.norm1.num_groups // 2
+        a = F.relu(F.group_norm(u, half, block.norm1.weight[:c], block.norm1.bias[:c], block.norm1.eps))
+        h = conv3d(a, block.conv1.weight[:, :c]) + terms[0]
+        h = block.conv2(norm_relu(block.norm2, h, None))
+        return h + F.conv3d(u, block.skip.weight[:, :c]) + terms[1]
 
 
 class Decoder(nn.Module):
@@ -170,6 +202,18 @@ class Decoder(nn.Module):
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip, norms)
         return self.head(x, norms)  # [N, 1, D, H, W]
+
+    def skip_terms(self, skips: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every level's `UpLevel.skip_terms`, coarse to fine (the order of `ups`)."""
+        if self.final_norm.num_groups % 2:
+            raise ValueError("skip terms need an even number of GroupNorm groups")
+        return [up.skip_terms(skip) for up, skip in zip(self.ups, reversed(skips))]
+
+    def forward_with_terms(self, x: torch.Tensor, terms: list) -> torch.Tensor:
+        """forward(x, skips) from the skips' `skip_terms` (whole tensors, no frozen statistics)."""
+        for up, level_terms in zip(self.ups, terms):
+            x = up.forward_with_terms(x, level_terms)
+        return self.head(x)
 
     def head(self, x: torch.Tensor, norms: Norms | None = None) -> torch.Tensor:
         if streams(x):  # slab by slab: GroupNorm statistics first, then the 1x1 convolution of each slab
@@ -200,6 +244,34 @@ class Decoder(nn.Module):
             u = up.upsample(h)[(..., *_within(inp, coarse, 2))]  # upsampled coarse window covers inp
             h = up.block(torch.cat([u, skip[(..., *inp)]], dim=1), norms)[(..., *_within(out, inp, 1))]
         return self.head(h, norms)
+
+
+SEPARABLE_UPSAMPLE_BYTES = 64 * 2**20  # up to this output size, upsample2x runs axis by axis
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False) for x [N, C, d, h, w].
+
+    Up to SEPARABLE_UPSAMPLE_BYTES of output it is computed one axis at a time (the same weights:
+    every new voxel is 3/4 of its nearer and 1/4 of its farther neighbour, edges clamped), which on
+    the CPU is 2.5x faster than aten's kernel in bf16 and has a 2-3x faster backward (training's
+    decoder upsamples 18 times a sample). Larger tensors (inference on big images) take aten's
+    single pass, which needs no intermediate: a quarter of the output's memory less at the peak.
+    """
+    if x.numel() * 8 * x.element_size() > SEPARABLE_UPSAMPLE_BYTES:
+        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+    for dim in (2, 3, 4):
+        x = _upsample_axis(x, dim)
+    return x
+
+
+def _upsample_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x twice as long along `dim`: voxel i becomes (3 x[i] + x[i-1]) / 4, (3 x[i] + x[i+1]) / 4."""
+    n = x.shape[dim]
+    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)  # x[i-1], clamped
+    after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)  # x[i+1], clamped
+    out = torch.stack([torch.lerp(x, before, 0.25), torch.lerp(x, after, 0.25)], dim + 1)
+    return out.flatten(dim, dim + 1)
 
 
 # --------------------------------------------------------------------------------- streaming (CPU inference)

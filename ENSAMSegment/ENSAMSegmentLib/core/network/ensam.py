@@ -90,10 +90,13 @@ class ImageEmbedding:
     skips: list = field(default_factory=list)
     bottleneck: torch.Tensor | None = None
     shape: tuple = ()
+    skip_terms: list | None = None  # ENSAM.with_skip_terms: the skips' share of the decoder, per level
 
     def to(self, device=None, dtype=None) -> ImageEmbedding:
+        terms = None if self.skip_terms is None else [
+            tuple(t.to(device=device, dtype=dtype) for t in level) for level in self.skip_terms]
         return ImageEmbedding([s.to(device=device, dtype=dtype) for s in self.skips],
-                              self.bottleneck.to(device=device, dtype=dtype), self.shape)
+                              self.bottleneck.to(device=device, dtype=dtype), self.shape, terms)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -145,6 +148,12 @@ class ENSAM(nn.Module):
         *skips, bottleneck = self.encoder(image)
         return ImageEmbedding(skips, bottleneck, tuple(image.shape[-3:]))
 
+    def with_skip_terms(self, emb: ImageEmbedding) -> ImageEmbedding:
+        """emb with the skips' share of every decoder level computed once (Decoder.skip_terms). Whole
+        decodes (no region, no frozen statistics) of that embedding then skip a third of the decoder's
+        convolutions and give the same logits up to rounding: training's box + 5 click decodes."""
+        return ImageEmbedding(emb.skips, emb.bottleneck, emb.shape, self.decoder.skip_terms(emb.skips))
+
     def interact(self, emb: ImageEmbedding, prompts: Prompts, prev_logits=None) -> InteractionState:
         """Run the prompt/image interaction over the whole bottleneck for N objects."""
         n = prompts.n_objects
@@ -173,6 +182,10 @@ class ENSAM(nn.Module):
         whole image). norms: an empty dict receives the decoder's GroupNorm statistics of this pass
         (for `decode_window`); a filled one is reused (blocks.group_norm).
         """
+        if region is None and norms is None and emb.skip_terms is not None:
+            x = self.decoder_image(self.interact(emb, prompts, prev_logits))
+            terms = [tuple(_per_object(t, x.shape[0], "skip term") for t in level) for level in emb.skip_terms]
+            return self.decoder.forward_with_terms(x, terms)
         x, skips = self.decoder_inputs(emb, prompts, prev_logits)
         if region is None:
             return self.decoder(x, skips, norms)
@@ -206,10 +219,13 @@ class ENSAM(nn.Module):
     def decoder_inputs(self, emb: ImageEmbedding, prompts: Prompts, prev_logits):
         """The interaction's image embeddings, scaled and back on the grid [N, 8C, d, h, w], and the
         skips expanded to N objects."""
-        state = self.interact(emb, prompts, prev_logits)
+        x = self.decoder_image(self.interact(emb, prompts, prev_logits))
+        return x, [_per_object(s, x.shape[0], "skip") for s in emb.skips]
+
+    def decoder_image(self, state: InteractionState) -> torch.Tensor:
+        """The interaction's image embeddings scaled by s_out, back on the grid: [N, 8C, d, h, w]."""
         n, c = state.image.shape[0], state.image.shape[-1]
-        x = (state.image * self.s_out().to(state.image.dtype)).transpose(1, 2).reshape(n, c, *state.grid)
-        return x, [_per_object(s, n, "skip") for s in emb.skips]
+        return (state.image * self.s_out().to(state.image.dtype)).transpose(1, 2).reshape(n, c, *state.grid)
 
     def forward(self, image: torch.Tensor, prompts: Prompts, prev_logits=None) -> torch.Tensor:
         return self.decode(self.encode(image), prompts, prev_logits)
