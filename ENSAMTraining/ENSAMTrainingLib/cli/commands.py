@@ -28,7 +28,10 @@ Train ENSAM (or fine-tune a model file with --init-model) on challenge .npz file
 pairs under --data. Writes RUN_DIR/checkpoint.pt (every --checkpoint-minutes, each epoch, on
 SIGINT/SIGTERM), metrics.csv, validation.csv, loss.png and, at the end, RUN_DIR/model.pt.
 --resume continues RUN_DIR exactly. Under `torchrun --nproc_per_node N` it trains with
-DistributedDataParallel. --progress-json - writes JSON-lines events to stdout
+DistributedDataParallel, also on a CPU (gloo; torchrun gives each process one thread: on 2 cores
+2 processes train faster than 1 of 2 threads, `ensam train-bench throughput --processes 2`);
+--accumulation counts samples per process, and both may change when resuming from a checkpoint
+taken at an epoch's end. --progress-json - writes JSON-lines events to stdout
 (ENSAMTrainingLib.core.progress documents them)."""
 
 
