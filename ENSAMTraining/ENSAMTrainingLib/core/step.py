@@ -2,7 +2,8 @@
 
 For one object of one image (``Sample``):
 
-1. ``model.encode(image)`` once; the embedding is shared by every step below.
+1. ``model.encode(image)`` once, with the skips' share of the decoder (``with_skip_terms``); the
+   embedding is shared by every step below.
 2. Step 0: the box (with its random offset) -> logits. A sample without a box (the challenge
    allows cases without one) starts with a click instead, simulated on an empty prediction.
 3. Steps 1..5: ``simulation.next_click(gt, logits > 0)`` at the centre of the largest error

@@ -48,7 +48,7 @@ def case_steps(model: nn.Module, sample, clicks: int = CLICKS, amp: bool = True)
     gts = gt[crop].astype(np.uint8)
     dscs, nsds, changed, previous = [], [], [], None
     with torch.no_grad(), autocast_for(device, amp):
-        embedding = model.encode(sample.image.to(device))
+        embedding = model.with_skip_terms(model.encode(sample.image.to(device)))  # 6 decodes of one image
         for logits in interact(model, embedding, gt, sample.box, clicks, rng=None):
             seg = (logits[0, 0] > 0).cpu().numpy()[crop].astype(np.uint8)
             dsc, nsd = case_metrics(gts, seg, sample.spacing)
