@@ -224,8 +224,8 @@ def measure_throughput(
     amp: bf16 autocast where training uses it (step.autocast_for); grad_clicks: see InteractiveStep;
     tune_malloc: keep freed memory (devices.keep_freed_memory) on the CPU, as the trainer does.
     processes > 1 (CPU): that many data-parallel processes, as `torchrun --nproc_per_node N ensam
-    train` runs them (gloo, DistributedDataParallel, the cores shared out), each on its own sample;
-    samples/s counts all of them."""
+    train` runs them (gloo, DistributedDataParallel, the cores shared out), all on the same sample so
+    that they keep step; samples/s counts all of them."""
     if processes > 1:
         return _parallel_throughput(shapes, device, steps, model_config, amp, grad_clicks, tune_malloc, processes)
     results = []
@@ -281,7 +281,7 @@ def _timed_samples(shapes, device, steps, model_config, amp, grad_clicks, tune_m
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         yield shape, dict(device=str(torch_device), amp=amp, grad_clicks=grad_clicks, malloc=malloc,
-                          steps_run=len(last_losses), times=times, cpu_times=cpu_times, peak=peak,
+                          threads=torch.get_num_threads(), steps_run=len(last_losses), times=times, cpu_times=cpu_times, peak=peak,
                           peak_kind="cuda allocated" if torch_device.type == "cuda" else "process max RSS")
 
 
@@ -294,7 +294,7 @@ def _row(shape, timed: dict, samples_per_s: float, processes: int = 1) -> dict:
         grad_clicks=timed["grad_clicks"],
         malloc=timed["malloc"],
         processes=processes,
-        threads_per_process=torch.get_num_threads() if processes == 1 else timed["threads"],
+        threads_per_process=timed["threads"],
         steps_run=timed["steps_run"],
         samples_per_s=samples_per_s,
         seconds_per_sample=1.0 / samples_per_s,
@@ -326,7 +326,7 @@ def _parallel_throughput(shapes, device, steps, model_config, amp, grad_clicks, 
         ranks = [by_rank[r][i] for r in range(processes)]
         # every sample ends in the gradients' all-reduce, so the ranks keep step; the slowest sets the pace
         seconds = max(float(np.mean(t["times"])) for t in ranks)
-        timed = dict(ranks[0], threads=threads, cpu_times=[c for t in ranks for c in t["cpu_times"]],
+        timed = dict(ranks[0], cpu_times=[c for t in ranks for c in t["cpu_times"]],
                      peak=sum(t["peak"] for t in ranks), peak_kind=f"max RSS of the {processes} processes, summed")
         results.append(_row(shape, timed, processes / seconds, processes))
         print(_format_row(results[-1]), file=sys.stderr)

@@ -326,7 +326,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self.keys())
 
     def __len__(self) -> int:
-        return max(0, samples_per_rank(self.n, self.world_size) - self.start)
+        return samples_per_rank(self.n, self.world_size) - self.start
 
 
 def samples_per_rank(n: int, world_size: int) -> int:

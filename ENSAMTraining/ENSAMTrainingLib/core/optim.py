@@ -112,7 +112,7 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.reshape(p.shape[0], -1)  # [rows, cols] (a copy for channels-last weights)
+                grad = p.grad.view(p.shape[0], -1)  # [rows, cols]
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad)
@@ -124,7 +124,7 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = grad.shape
                 scaled_lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.view(p.shape), alpha=-scaled_lr)
+                p.add_(update.view_as(p), alpha=-scaled_lr)
         return loss
 
 

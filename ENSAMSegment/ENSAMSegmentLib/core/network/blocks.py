@@ -170,21 +170,26 @@ class UpLevel(nn.Module):
         skip's share of the first 3x3x3 convolution, conv1_skip(relu(GN_skip(skip))), and of the
         1x1 residual, skip_skip(skip): [N, C, D, H, W] each (`forward_with_terms` adds the rest).
         """
-        c, block = skip.shape[1], self.block
-        half = block.norm1.num_groups // 2
-        a = F.relu(F.group_norm(skip, half, block.norm1.weight[c:], block.norm1.bias[c:], block.norm1.eps))
-        return conv3d(a, block.conv1.weight[:, c:]), F.conv3d(skip, block.skip.weight[:, c:])
+        c = skip.shape[1]
+        if self.block.norm1.num_groups % 2:
+            raise ValueError("skip terms need an even number of GroupNorm groups")
+        return self._half_terms(skip, slice(c, 2 * c))
 
     def forward_with_terms(self, x: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """forward(x, skip) from the skip's `skip_terms`: the same function (up to rounding) with one
         3x3x3 convolution of C channels fewer per decode. Autograd: the terms' backward runs once for
         all the decodes that used them."""
-        block, u = self.block, self.upsample(x)
-        c, half = u.shape[1], block.norm1.num_groups // 2
-        a = F.relu(F.group_norm(u, half, block.norm1.weight[:c], block.norm1.bias[:c], block.norm1.eps))
-        h = conv3d(a, block.conv1.weight[:, :c]) + terms[0]
-        h = block.conv2(norm_relu(block.norm2, h, None))
-        return h + F.conv3d(u, block.skip.weight[:, :c]) + terms[1]
+        u = self.upsample(x)
+        conv_u, residual_u = self._half_terms(u, slice(0, u.shape[1]))
+        h = self.block.conv2(norm_relu(self.block.norm2, conv_u + terms[0], None))
+        return h + residual_u + terms[1]
+
+    def _half_terms(self, t: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """One half of the block's input (channels `part` of the concatenation) -> its share of
+        conv1(relu(GN(input))) and of the 1x1 residual (its own GroupNorm groups and weights)."""
+        block, norm = self.block, self.block.norm1
+        a = F.relu(F.group_norm(t, norm.num_groups // 2, norm.weight[part], norm.bias[part], norm.eps))
+        return conv3d(a, block.conv1.weight[:, part]), F.conv3d(t, block.skip.weight[:, part])
 
 
 class Decoder(nn.Module):
@@ -205,8 +210,6 @@ class Decoder(nn.Module):
 
     def skip_terms(self, skips: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every level's `UpLevel.skip_terms`, coarse to fine (the order of `ups`)."""
-        if self.final_norm.num_groups % 2:
-            raise ValueError("skip terms need an even number of GroupNorm groups")
         return [up.skip_terms(skip) for up, skip in zip(self.ups, reversed(skips))]
 
     def forward_with_terms(self, x: torch.Tensor, terms: list) -> torch.Tensor:
